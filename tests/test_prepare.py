@@ -1,0 +1,168 @@
+"""prepare on Common Voice releases (with injected faults), manifests and `datasets` folders."""
+
+from __future__ import annotations
+
+import csv
+import json
+import unicodedata
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from w2vbert_asr import UsageError
+from w2vbert_asr.cli import compose
+from w2vbert_asr.data import load_prepared, prepare
+from w2vbert_asr.testing import make_faulty_release
+
+
+def _cfg(out, root, *extra):
+    return compose([f"output_dir={out}", f"data.root={root}", *extra])
+
+
+def _vocab_is_clean(chars):
+    for c in chars:
+        cat = unicodedata.category(c)
+        assert not c.isupper(), c
+        assert cat[0] not in "PSM", f"{c!r} is {cat}"
+
+
+@pytest.fixture(scope="module")
+def faulty_release(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faulty_sw")
+    return root, make_faulty_release(root, "sw", num_clips=30, seed=1)
+
+
+def test_faulty_release_every_bad_row_counted_under_its_reason(tmp_path, faulty_release, capsys):
+    root, expected = faulty_release
+    report = prepare(_cfg(tmp_path, root, "lang=sw"))
+    skipped = {}
+    for split in report["splits"].values():
+        for reason, n in split["skipped"].items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    assert skipped == expected
+    on_disk = json.loads((tmp_path / "prepare_report.json").read_text())
+    assert on_disk["splits"]["train"]["skipped"] == report["splits"]["train"]["skipped"]
+    example = on_disk["splits"]["train"]["examples"]["path_escape"][0]
+    assert example["file"].endswith("train.tsv") and example["row"] > 1 and "etc/passwd" in example["detail"]
+    assert "skipped" in capsys.readouterr().out
+    _vocab_is_clean(report["vocab"]["chars"])
+    # The tricky-but-valid rows survive: a bare opening quote, and NFD letters stored as NFC.
+    train = load_prepared(tmp_path, "train")
+    ids = set(train["id"])
+    assert {"common_voice_sw_faulty_bare_quote", "common_voice_sw_faulty_nfd"} <= ids
+    assert all(unicodedata.is_normalized("NFC", t) for t in train["text"])
+    assert train[0]["audio"].dtype == np.float32
+
+
+def test_unseen_language_non_latin_script_with_zero_code(tmp_path):
+    """A language without a recipe, in another script: only lang + data.root are given."""
+    root = tmp_path / "ka"
+    expected = make_faulty_release(root, "ka", num_clips=24, seed=2)
+    report = prepare(_cfg(tmp_path / "out", root, "lang=ka"))
+    counted = {}
+    for split in report["splits"].values():
+        for reason, n in split["skipped"].items():
+            counted[reason] = counted.get(reason, 0) + n
+    assert counted == expected
+    chars = report["vocab"]["chars"]
+    _vocab_is_clean(chars)
+    assert any(unicodedata.name(c).startswith("GEORGIAN") for c in chars)
+    assert (tmp_path / "out" / "processor" / "vocab.json").is_file()
+
+
+def test_prepare_is_cached_and_refreshes_when_text_rules_change(tmp_path, sw_corpus):
+    cfg = _cfg(tmp_path, sw_corpus, "lang=sw")
+    prepare(cfg)
+    stamp = (tmp_path / "prepared" / "DONE").read_text()
+    mtime = (tmp_path / "prepared" / "train.arrow").stat().st_mtime_ns
+    prepare(cfg)
+    assert (tmp_path / "prepared" / "train.arrow").stat().st_mtime_ns == mtime
+    prepare(_cfg(tmp_path, sw_corpus, "lang=sw", "text.lowercase=false"))
+    assert (tmp_path / "prepared" / "DONE").read_text() != stamp
+
+
+def test_empty_split_stops_with_a_clear_message(tmp_path, sw_corpus):
+    with pytest.raises(UsageError, match="no usable rows"):
+        prepare(_cfg(tmp_path, sw_corpus, "lang=sw", "data.min_duration=25"))
+
+
+def test_missing_release_folder_message(tmp_path):
+    with pytest.raises(UsageError, match="Common Voice language folder"):
+        prepare(_cfg(tmp_path, tmp_path / "nope", "lang=sw"))
+
+
+def test_oov_characters_of_eval_splits_reported(tmp_path, sw_corpus):
+    root = tmp_path / "cv"
+    root.mkdir()
+    (root / "clips").symlink_to(sw_corpus / "clips")
+    for split in ("train", "dev", "test"):
+        text = (sw_corpus / f"{split}.tsv").read_text()
+        if split == "dev":  # a character the train split never has
+            lines = text.splitlines()
+            cols = lines[1].split("\t")
+            cols[3] = cols[3] + " ß"
+            lines[1] = "\t".join(cols)
+            text = "\n".join(lines) + "\n"
+        (root / f"{split}.tsv").write_text(text)
+    report = prepare(_cfg(tmp_path / "out", root, "lang=sw"))
+    assert report["oov"]["dev"]["chars"] == {"ß": 1}
+    assert report["oov"]["dev"]["rate"] > 0
+
+
+def _write_manifest_corpus(corpus, tmp_path):
+    """CSV (quoted commas) and JSONL manifests over the synthetic clips."""
+    rows = {}
+    for split in ("train", "dev", "test"):
+        with open(corpus / f"{split}.tsv", newline="") as f:
+            rows[split] = [(f"clips/{r['path']}", r["sentence"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    files = {}
+    for split, items in rows.items():
+        if split == "test":
+            path = tmp_path / "test.jsonl"
+            path.write_text("".join(json.dumps({"path": p, "text": t}) + "\n" for p, t in items))
+        else:
+            path = tmp_path / f"{split}.csv"
+            with open(path, "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["path", "text"])
+                w.writerows(items)
+        files[split] = path
+    return files
+
+
+def test_manifest_source(tmp_path, sw_corpus):
+    files = _write_manifest_corpus(sw_corpus, tmp_path)
+    cfg = compose(["data=manifest", "lang=sw", f"output_dir={tmp_path / 'out'}", f"data.root={sw_corpus}",
+                   *(f"data.files.{s}={p}" for s, p in files.items())])
+    report = prepare(cfg)
+    assert report["splits"]["train"]["kept"] == report["splits"]["train"]["rows"] > 0
+    assert report["splits"]["test"]["kept"] > 0
+
+
+def test_hf_dataset_source_decodes_without_torchcodec(tmp_path, sw_corpus):
+    import datasets
+
+    with open(sw_corpus / "train.tsv", newline="") as f:
+        recs = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    def split(rs):
+        ds = datasets.Dataset.from_dict({"audio": [str(sw_corpus / "clips" / r["path"]) for r in rs],
+                                         "sentence": [r["sentence"] for r in rs]})
+        return ds.cast_column("audio", datasets.Audio(decode=False))
+    dd = datasets.DatasetDict({"train": split(recs[:20]), "validation": split(recs[20:26]), "test": split(recs[26:32])})
+    dd.save_to_disk(str(tmp_path / "hfds"))
+    report = prepare(compose(["data=hf", "lang=sw", f"data.name={tmp_path / 'hfds'}", f"output_dir={tmp_path / 'out'}"]))
+    assert report["splits"]["train"]["kept"] == 20
+    assert set(report["splits"]) == {"train", "validation", "test"}
+
+
+def test_manifest_row_escaping_root_is_refused(tmp_path, sw_corpus):
+    outside = tmp_path / "outside.wav"
+    sf.write(outside, np.zeros(16000, dtype=np.float32), 16000)
+    files = _write_manifest_corpus(sw_corpus, tmp_path)
+    with open(files["train"], "a", newline="") as f:
+        csv.writer(f).writerow([str(outside), "habari"])
+    cfg = compose(["data=manifest", "lang=sw", f"output_dir={tmp_path / 'out'}", f"data.root={sw_corpus}",
+                   *(f"data.files.{s}={p}" for s, p in files.items())])
+    report = prepare(cfg)
+    assert report["splits"]["train"]["skipped"] == {"path_escape": 1}

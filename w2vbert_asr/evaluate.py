@@ -1,0 +1,204 @@
+"""Score a CTC model: greedy (or n-gram beam) decoding, WER/CER with jiwer, predictions per utterance.
+
+Usage:
+    w2vbert-asr evaluate recipe=demo                           # the demo model on the synthetic test split
+    w2vbert-asr evaluate model=outputs/mn/model recipe=mn data.root=/data/cv/mn eval.split=dev
+    w2vbert-asr evaluate model=outputs/mn/model eval.lm=outputs/mn/lm   # also WER with the n-gram LM
+
+Writes into `eval.results_dir` (default: output_dir):
+    metrics.json                  per split: wer, cer, utterances, audio_hours, rtf, rtfx, device ...
+    predictions/<split>.jsonl     id, reference, hypothesis, wer, cer, duration
+The Whisper baseline (`w2vbert-asr baseline`) writes the very same files, so `compare` can read both.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from . import UsageError
+from .batching import DurationBatchSampler
+from .features import BatchFeatureExtractor, pad_waves
+from .text import Normalizer
+
+log = logging.getLogger(__name__)
+METRICS = "metrics.json"
+PREDICTIONS = "predictions"
+
+
+def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
+    """Corpus WER/CER (errors over reference words/characters, as jiwer computes them)."""
+    refs = [r for r in references]
+    if not refs:
+        return {"wer": float("nan"), "cer": float("nan")}
+    # jiwer refuses empty references; prepare never keeps one, but guard for external data.
+    pairs = [(r, h) for r, h in zip(refs, hypotheses) if r.strip()]
+    r, h = zip(*pairs)
+    return {"wer": jiwer.wer(list(r), list(h)), "cer": jiwer.cer(list(r), list(h))}
+
+
+def utterance_rates(reference: str, hypothesis: str) -> dict:
+    if not reference.strip():
+        return {"wer": float(bool(hypothesis.strip())), "cer": float(bool(hypothesis.strip()))}
+    return {"wer": jiwer.wer(reference, hypothesis), "cer": jiwer.cer(reference, hypothesis)}
+
+
+@torch.no_grad()
+def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
+                   device, max_batch_seconds: float, max_batch_size: int, accelerator=None) -> tuple[list[str], float]:
+    """Transcribe a prepared split. -> (hypotheses in dataset order, wall seconds).
+
+    decode: (logits (B, T, V), valid lengths (B,)) -> texts. Under accelerate every process decodes an
+    equal share of the batches (sharded models need every rank in every forward) and the results are
+    gathered, so this also serves FSDP/DeepSpeed runs.
+    """
+    sampler = DurationBatchSampler(dataset["duration"], max_batch_seconds, max_batch_size, shuffle=False)
+    batches = sampler.rank_batches(0)
+    world = accelerator.num_processes if accelerator else 1
+    rank = accelerator.process_index if accelerator else 0
+    per_rank = -(-len(batches) // world)
+    padded = batches + [batches[-1]] * (per_rank * world - len(batches))  # repeats are dropped on gather
+    mine = list(range(rank, len(padded), world))
+    was_training = model.training
+    model.eval()
+    results: list[tuple[int, str]] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for b in mine:
+        idx = padded[b]
+        waves, lengths = pad_waves([dataset[int(i)]["audio"] for i in idx])
+        feats, mask = featurizer(waves.to(device), lengths.to(device))
+        logits = model(input_features=feats, attention_mask=mask).logits
+        out_lengths = _unwrap(model)._get_feat_extract_output_lengths(mask.sum(-1))
+        if b < len(batches):
+            results += list(zip(idx, decode(logits.float(), out_lengths)))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if accelerator and world > 1:
+        from accelerate.utils import gather_object
+
+        results = gather_object(results)
+        seconds = max(gather_object([seconds]))
+    model.train(was_training)
+    hyps = dict(results)
+    return [hyps[i] for i in range(len(dataset))], seconds
+
+
+def _unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def greedy_decoder(tokenizer) -> Callable[[torch.Tensor, torch.Tensor], list[str]]:
+    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        ids = logits.argmax(dim=-1).cpu()
+        return [tokenizer.decode(row[:n].tolist()) for row, n in zip(ids, lengths.cpu().tolist())]
+
+    return decode
+
+
+def score(dataset, hypotheses: list[str], normalizer: Normalizer) -> tuple[dict, list[dict]]:
+    """-> (split metrics, per-utterance rows). References are the prepared (normalised) texts; hypotheses
+    go through the same normaliser so every system is scored identically."""
+    refs = [str(t) for t in dataset["text"]]
+    hyps = [normalizer(h) for h in hypotheses]
+    durations = [float(d) for d in dataset["duration"]]
+    rows = [{"id": str(i), "reference": r, "hypothesis": h, **utterance_rates(r, h), "duration": round(d, 3)}
+            for i, r, h, d in zip(dataset["id"], refs, hyps, durations)]
+    metrics = {**error_rates(refs, hyps), "utterances": len(refs), "audio_hours": sum(durations) / 3600}
+    return metrics, rows
+
+
+def write_results(results_dir: str | Path, split: str, metrics: dict, rows: list[dict], header: dict) -> None:
+    """Merge this split into metrics.json and write predictions/<split>.jsonl (both atomically)."""
+    results_dir = Path(results_dir)
+    (results_dir / PREDICTIONS).mkdir(parents=True, exist_ok=True)
+    path = results_dir / METRICS
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    existing.update(header)
+    existing.setdefault("splits", {})[split] = metrics
+    _atomic_write(path, json.dumps(existing, ensure_ascii=False, indent=2))
+    _atomic_write(results_dir / PREDICTIONS / f"{split}.jsonl",
+                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, results_dir: str | Path,
+                   lm_dir: str | Path | None = None) -> dict:
+    """Score a saved model dir on prepared splits ({name: Dataset}) and write metrics.json + predictions."""
+    from transformers import Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
+
+    model_dir = _require_model_dir(model_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processor = Wav2Vec2BertProcessor.from_pretrained(model_dir)
+    model = Wav2Vec2BertForCTC.from_pretrained(model_dir, use_safetensors=True).to(device)
+    normalizer = Normalizer.load(model_dir)
+    featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device)
+    decoders = {"": greedy_decoder(processor.tokenizer)}
+    if lm_dir:
+        from .lm import beam_decoder
+
+        decoders["lm"] = beam_decoder(processor.tokenizer, lm_dir)
+    n_params = sum(p.numel() for p in model.parameters())
+    header = {"system": "w2v-bert-2.0-ctc", "model": str(model_dir), "parameters": n_params,
+              "device": _device_name(device), "max_batch_seconds": cfg.eval.max_batch_seconds,
+              "max_batch_size": cfg.eval.max_batch_size}
+    summary = {}
+    for split, ds in datasets.items():
+        for suffix, decode in decoders.items():
+            hyps, seconds = decode_dataset(model, ds, featurizer, decode, device, cfg.eval.max_batch_seconds,
+                                           cfg.eval.max_batch_size)
+            metrics, rows = score(ds, hyps, normalizer)
+            audio_s = metrics["audio_hours"] * 3600
+            metrics.update(decode_seconds=seconds, rtf=seconds / audio_s, rtfx=audio_s / seconds,
+                           decoding="greedy" if not suffix else f"beam+{suffix}")
+            name = split if not suffix else f"{split}+{suffix}"
+            write_results(results_dir, name, metrics, rows, header)
+            summary[name] = metrics
+    print_table(summary)
+    return summary
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def print_table(summary: dict) -> None:
+    print(f"{'split':<14}{'WER %':>8}{'CER %':>8}{'utts':>7}{'hours':>8}{'RTFx':>9}")
+    for name, m in summary.items():
+        print(f"{name:<14}{100 * m['wer']:>8.2f}{100 * m['cer']:>8.2f}{m['utterances']:>7}"
+              f"{m['audio_hours']:>8.3f}{m.get('rtfx', float('nan')):>9.1f}")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """`w2vbert-asr evaluate`: read the split from the configured source with the model's own normaliser
+    (skipped rows are reported like in prepare), then score it."""
+    from .data import prepare_eval_split
+
+    normalizer = Normalizer.load(_require_model_dir(cfg.model_dir))
+    ds = prepare_eval_split(cfg, cfg.eval.split, normalizer, Path(cfg.eval.results_dir))
+    return evaluate_model(cfg.model_dir, cfg, {cfg.eval.split: ds}, cfg.eval.results_dir, cfg.eval.get("lm"))
+
+
+def _require_model_dir(model_dir) -> Path:
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} is not a model folder (no config.json); train first or pass model=<dir>")
+    return model_dir

@@ -1,0 +1,415 @@
+"""Synthetic Common Voice release generator (espeak-ng speech from small word lists).
+
+Builds a directory that looks like one language of a Common Voice download
+(`clips/*.mp3` at 48 kHz plus `train.tsv`, `dev.tsv`, `test.tsv`, `validated.tsv`, ...),
+so the whole toolkit can be exercised offline, in tests and demos, without the real corpus.
+Speech comes from libespeak-ng shipped by the PyPI package `espeakng-loader`, driven via ctypes.
+Languages are whatever `w2vbert_asr/wordlists/<lang>.txt` files exist; nothing here names one.
+
+Usage:
+    python -m w2vbert_asr.synth --list
+    python -m w2vbert_asr.synth --lang sw --num-clips 300 --out data/synth_cv/sw
+    python -m w2vbert_asr.synth --lang ky --num-clips 300 --seed 1 --out data/synth_cv/ky
+"""
+
+from __future__ import annotations
+
+import _ctypes
+import argparse
+import atexit
+import ctypes
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+import unicodedata
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import espeakng_loader
+import numpy as np
+import soundfile as sf
+import soxr
+
+# --- Common Voice layout --------------------------------------------------------------------
+CV_SAMPLE_RATE = 48_000  # Common Voice ships 48 kHz MP3
+# Column order of Common Voice 17+ release TSVs (train/dev/test/validated/invalidated/other).
+CV_COLUMNS = (
+    "client_id", "path", "sentence_id", "sentence", "sentence_domain", "up_votes",
+    "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
+)
+SPLITS = ("train", "dev", "test")
+EMPTY_TSVS = ("invalidated.tsv", "other.tsv")  # present in real releases; we reject nothing
+CLIP_ID_BASE = 30_000_000  # CV clip ids are ~8-digit integers
+AGES = ("", "teens", "twenties", "thirties", "fourties", "fifties")  # CV's own spelling
+
+WORDLIST_DIR = Path(__file__).with_name("wordlists")
+VOICE_DIRECTIVE = "# voice:"  # optional word-list header when espeak's voice name != CV locale
+
+# --- Speaker / clip variation (per speaker, then small per-clip jitter) ---------------------
+# espeak variants (voices/!v files; None = the language's default voice). Variants with a
+# "breath" line (f2, f3, f5, ...) are left out: with espeak-ng 1.52 their audio differs between
+# identical calls (depends on unrelated earlier process activity), breaking reproducibility.
+VOICE_VARIANTS = (None, "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8",
+                  "f1", "f4", "Annie", "belinda", "linda", "steph")
+CV_GENDER = {"male": "male_masculine", "female": "female_feminine"}  # CV 17+ labels
+RATE_WPM = (140, 195)        # espeak words/minute; default is 175
+RATE_JITTER_WPM = 8          # per-clip wobble around the speaker's rate
+PITCH = (30, 70)             # espeak base pitch 0..100, default 50
+PITCH_RANGE = (30, 80)       # espeak intonation range 0..100, default 50
+CLIPS_PER_SPEAKER = 10       # ~CV-like: a handful of clips per contributor
+LEAD_SILENCE_S = (0.10, 0.35)
+TRAIL_SILENCE_S = (0.10, 0.40)
+NOISE_DBFS = (-65.0, -45.0)  # room tone: audible in silence, far below speech
+PEAK = (0.35, 0.9)           # loudness varies between recordings
+
+# --- Sentence text variety (the spoken words never change, only the written form) ----------
+CAPITALISE_P = 0.7
+COMMA_P = 0.12               # per word boundary
+QUOTE_P = 0.1
+QUOTES = (("«", "»"), ("“", "”"), ("„", "“"))
+END_PUNCT = (".", "?", "!", "")
+END_PUNCT_P = (0.55, 0.15, 0.1, 0.2)
+
+# --- libespeak-ng constants (speak_lib.h) ---------------------------------------------------
+_AUDIO_OUTPUT_SYNCHRONOUS = 2
+_INITIALIZE_DONT_EXIT = 0x8000  # return errors instead of exit()ing the Python process
+_CHARS_UTF8 = 1
+_POS_CHARACTER = 1
+_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE, _PARAM_PUNCTUATION = 1, 3, 4, 5
+_EE_OK = 0
+_SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
+
+# espeak-ng keeps its state in C globals, some never reset (e.g. the pitch-flutter phase), so
+# its audio depends on everything synthesised before in the same library instance. For
+# reproducible audio every utterance gets a fresh instance: dlopen a private copy of the
+# library, synthesise, dlclose (unloads it; ~0.5 ms). One lock serialises all of it (one
+# instance at a time, one shared PCM buffer).
+_LOCK = threading.Lock()
+_CHUNKS: list[np.ndarray] = []
+_PRIVATE_COPY: dict[int, str] = {}  # pid -> path of this process's copy of the library
+_unload = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary  # POSIX / Windows
+
+
+@_SynthCallback
+def _on_audio(wav, num_samples, _events):
+    """Called by espeak (synchronously, inside espeak_Synth) with int16 PCM chunks."""
+    if num_samples > 0 and wav:
+        _CHUNKS.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
+    return 0  # 0 = keep synthesising
+
+
+def _private_library() -> str:
+    """Path of a per-process copy of libespeak-ng: a path nobody else dlopens, so dlclose
+    really unloads it and the next dlopen starts from pristine C globals."""
+    path = _PRIVATE_COPY.get(os.getpid())
+    if path is None:
+        tmp = tempfile.mkdtemp(prefix="w2vbert_asr_espeak_")
+        atexit.register(shutil.rmtree, tmp, True)
+        src = espeakng_loader.get_library_path()
+        path = _PRIVATE_COPY[os.getpid()] = shutil.copy(src, Path(tmp) / Path(src).name)
+    return path
+
+
+def _synthesize_pcm(text: str, voice: str, variant: str | None, rate: int, pitch: int,
+                    pitch_range: int) -> tuple[np.ndarray, int]:
+    """`text` -> (int16 PCM `(T,)`, espeak sample rate) from a freshly loaded espeak-ng."""
+    data = espeakng_loader.get_data_path()
+    if variant and not (Path(data) / "voices" / "!v" / variant).is_file():
+        raise ValueError(f"espeak-ng has no voice variant {variant!r}; see {data}/voices/!v")
+    encoded = text.encode("utf-8") + b"\0"
+    with _LOCK:
+        lib = ctypes.CDLL(_private_library())
+        sample_rate = 0
+        try:
+            lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+            lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
+            lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+            lib.espeak_Synth.argtypes = [
+                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
+                ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
+            ]
+            sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), _INITIALIZE_DONT_EXIT)
+            if sample_rate <= 0:
+                raise RuntimeError(f"espeak_Initialize failed (data path {data}); reinstall espeakng-loader")
+            lib.espeak_SetSynthCallback(_on_audio)
+            err = lib.espeak_SetVoiceByName(f"{voice}+{variant}".encode() if variant else voice.encode())
+            if err != _EE_OK:
+                raise ValueError(
+                    f"espeak-ng has no voice {voice!r} (error {err}); see the voices under "
+                    f"{data}/lang, or set '{VOICE_DIRECTIVE} <name>' in the word list"
+                )
+            for param, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch),
+                                 (_PARAM_RANGE, pitch_range), (_PARAM_PUNCTUATION, 0)):
+                lib.espeak_SetParameter(param, int(value), 0)
+            _CHUNKS.clear()
+            err = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
+            lib.espeak_Synchronize()
+            pcm = np.concatenate(_CHUNKS) if _CHUNKS else np.zeros(0, np.int16)
+        finally:
+            _CHUNKS.clear()
+            if sample_rate > 0:
+                lib.espeak_Terminate()
+            _unload(lib._handle)
+    if err != _EE_OK or pcm.size == 0:
+        raise RuntimeError(f"espeak-ng produced no audio for {text!r} with voice {voice!r} (error {err})")
+    return pcm, sample_rate
+
+
+def speak(
+    text: str, lang: str, voice_variant: str | None = None, rate: int = 175, pitch: int = 50,
+    pitch_range: int = 50,
+) -> tuple[np.ndarray, int]:
+    """Synthesise `text` with espeak-ng voice `lang` (optionally `+variant`, e.g. "m3", "f1").
+
+    Returns (audio `(T,)` float32 in [-1, 1], espeak's sample rate, 22050 Hz).
+    Thread-safe and reproducible (the same arguments give the same samples) for the
+    `VOICE_VARIANTS`; "breath" variants such as "f2" work but are not reproducible.
+    """
+    pcm, sample_rate = _synthesize_pcm(text, lang, voice_variant, rate, pitch, pitch_range)
+    return pcm.astype(np.float32) / 32768.0, sample_rate
+
+
+# --- Word lists -----------------------------------------------------------------------------
+def available_languages() -> list[str]:
+    """Language codes with a word list shipped in `w2vbert_asr/wordlists/`."""
+    return sorted(p.stem for p in WORDLIST_DIR.glob("*.txt"))
+
+
+def load_words(lang: str) -> tuple[list[str], str]:
+    """Return (NFC words, espeak voice name) from `wordlists/<lang>.txt`.
+
+    One word per line; blank lines and `#` comments ignored; `# voice: <name>` overrides the
+    espeak voice (default: `lang` itself).
+    """
+    path = WORDLIST_DIR / f"{lang}.txt"
+    if not path.is_file():
+        raise ValueError(
+            f"no word list for language {lang!r} (looked for {path}); available: "
+            f"{available_languages()}. Add one word per line to that file to support it."
+        )
+    words, voice = [], lang
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line.lower().startswith(VOICE_DIRECTIVE):
+            voice = line[len(VOICE_DIRECTIVE):].strip()
+        elif line and not line.startswith("#"):
+            words.append(unicodedata.normalize("NFC", line))
+    if not words:
+        raise ValueError(f"word list {path} is empty; add one word per line")
+    return words, voice
+
+
+def make_sentence(rng: np.random.Generator, words: Sequence[str], num_words: tuple[int, int]) -> tuple[str, str]:
+    """Random sentence -> (written text with CV-like punctuation/case, text to speak).
+
+    Both contain the same words; the written form adds capitalisation, a comma, final
+    punctuation and sometimes typographic quotes so a text normaliser has real work.
+    """
+    n = int(rng.integers(num_words[0], num_words[1] + 1))
+    # No repeated word within a sentence (reads more natural) unless the list is too short.
+    chosen = [words[i] for i in rng.choice(len(words), n, replace=n > len(words))]
+    tokens = [w + ("," if i < n - 1 and rng.random() < COMMA_P else "") for i, w in enumerate(chosen)]
+    end = str(rng.choice(END_PUNCT, p=END_PUNCT_P))
+    spoken = " ".join(tokens) + end
+    written = spoken
+    if rng.random() < CAPITALISE_P:
+        written = written[0].title() + written[1:]  # title(): no-op for caseless scripts
+    if rng.random() < QUOTE_P:
+        left, right = QUOTES[int(rng.integers(len(QUOTES)))]
+        written = f"{left}{written}{right}"
+    return written, spoken
+
+
+# --- Audio + TSV helpers (also used by w2vbert_asr.testing) ---------------------------------
+def finish_audio(rng: np.random.Generator, audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """Resample `(T,)` speech to 48 kHz, pad with silence, scale, add room tone -> `(T',)` float32."""
+    x = soxr.resample(audio, sample_rate, CV_SAMPLE_RATE)
+    lead = np.zeros(int(rng.uniform(*LEAD_SILENCE_S) * CV_SAMPLE_RATE), np.float32)
+    trail = np.zeros(int(rng.uniform(*TRAIL_SILENCE_S) * CV_SAMPLE_RATE), np.float32)
+    x = np.concatenate([lead, x, trail])
+    x *= rng.uniform(*PEAK) / max(float(np.abs(x).max()), 1e-6)
+    x += rng.standard_normal(x.size).astype(np.float32) * np.float32(10 ** (rng.uniform(*NOISE_DBFS) / 20))
+    return np.clip(x, -1.0, 1.0).astype(np.float32)
+
+
+def write_clip(path: str | os.PathLike, audio: np.ndarray, **mp3_options) -> float:
+    """Write 48 kHz `(T,)` audio as MP3; returns the duration in seconds."""
+    sf.write(path, audio, CV_SAMPLE_RATE, format="MP3", **mp3_options)
+    return audio.size / CV_SAMPLE_RATE
+
+
+def client_id(lang: str, seed: int, speaker: int) -> str:
+    """128-hex-digit id like Common Voice's (a SHA-512), stable for (lang, seed, speaker)."""
+    return hashlib.sha512(f"synth:{lang}:{seed}:{speaker}".encode()).hexdigest()
+
+
+def make_row(client: str, path: str, sentence: str, locale: str, age: str = "", gender: str = "") -> dict[str, str]:
+    """One Common Voice TSV row (all `CV_COLUMNS`)."""
+    return {
+        "client_id": client, "path": path,
+        "sentence_id": hashlib.sha256(sentence.encode()).hexdigest(),
+        "sentence": sentence, "sentence_domain": "", "up_votes": "2", "down_votes": "0",
+        "age": age, "gender": gender, "accents": "", "variant": "", "locale": locale, "segment": "",
+    }
+
+
+def write_tsv(path: str | os.PathLike, rows: Iterable[dict], columns: Sequence[str] = CV_COLUMNS,
+              append: bool = False) -> None:
+    """Write rows raw, tab-separated, no quoting (as Common Voice does); header unless appending."""
+    lines = [] if append else ["\t".join(columns)]
+    for row in rows:
+        fields = [str(row.get(c, "")) for c in columns]
+        if any(ch in f for f in fields for ch in "\t\r\n"):
+            raise ValueError(f"{path}: field contains a tab or newline, cannot write raw TSV: {fields}")
+        lines.append("\t".join(fields))
+    with open(path, "a" if append else "w", encoding="utf-8", newline="") as f:
+        f.write("".join(line + "\n" for line in lines))
+
+
+# --- Corpus planning ------------------------------------------------------------------------
+def _split_counts(total: int, fractions: Sequence[float]) -> list[int]:
+    """Integer counts per split summing to `total`; rounding leftovers go to the largest split."""
+    counts = [int(total * f) for f in fractions]
+    counts[int(np.argmax(fractions))] += total - sum(counts)
+    return counts
+
+
+def _variant_gender(variant: str | None) -> str:
+    """The `gender` line of an espeak variant file ("male"/"female"), "" if none."""
+    if not variant:
+        return ""
+    text = (Path(espeakng_loader.get_data_path()) / "voices" / "!v" / variant).read_text(errors="replace")
+    fields = next((line.split() for line in text.splitlines() if line.lower().startswith("gender")), [])
+    return fields[1].lower() if len(fields) > 1 else ""
+
+
+def _plan_speakers(rng: np.random.Generator, lang: str, seed: int, clip_counts: list[int]) -> list[list[dict]]:
+    """Speakers per split, disjoint across splits (as in Common Voice); each non-empty split has >= 1."""
+    total = sum(clip_counts)
+    n_speakers = max(sum(c > 0 for c in clip_counts), total // CLIPS_PER_SPEAKER)
+    per_split = [min(c, max(1, round(n_speakers * c / total))) for c in clip_counts]
+    speakers, k = [], 0
+    for count in per_split:
+        group = []
+        for _ in range(count):
+            variant = VOICE_VARIANTS[int(rng.integers(len(VOICE_VARIANTS)))]
+            group.append({
+                "client_id": client_id(lang, seed, k), "variant": variant,
+                "rate": int(rng.integers(RATE_WPM[0], RATE_WPM[1] + 1)),
+                "pitch": int(rng.integers(PITCH[0], PITCH[1] + 1)),
+                "range": int(rng.integers(PITCH_RANGE[0], PITCH_RANGE[1] + 1)),
+                "gender": CV_GENDER.get(_variant_gender(variant), ""),
+                "age": AGES[int(rng.integers(len(AGES)))],
+            })
+            k += 1
+        speakers.append(group)
+    return speakers
+
+
+def synthesize_corpus(
+    out_dir: str | os.PathLike, lang: str, num_clips: int = 300, seed: int = 0,
+    split_fractions: Sequence[float] = (0.8, 0.1, 0.1), words_per_sentence: tuple[int, int] = (2, 5),
+) -> dict:
+    """Write a Common Voice release layout for `lang` under `out_dir`.
+
+    Creates `clips/*.mp3` (48 kHz), `train.tsv`, `dev.tsv`, `test.tsv`, `validated.tsv`
+    (their union), header-only `invalidated.tsv`/`other.tsv`, and `clip_durations.tsv`.
+    TSVs use `CV_COLUMNS`, tab-separated, sentences written raw (no csv quoting).
+    Same seed -> identical TSVs and (with the same espeak-ng/LAME builds) identical MP3s.
+
+    Returns {"lang", "out_dir", "counts": {split: clips}, "speakers": {split: n},
+    "hours": total, "split_hours": {split: h}}.
+    """
+    if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
+        raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1 (train, dev, test), got {split_fractions}")
+    if num_clips < 1:
+        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    lo, hi = words_per_sentence
+    if not 1 <= lo <= hi:
+        raise ValueError(f"words_per_sentence must be (min, max) with 1 <= min <= max, got {words_per_sentence}")
+    words, voice = load_words(lang)
+
+    out = Path(out_dir)
+    (out / "clips").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)  # plan (speakers, sentences) first: TSVs depend on it alone
+    clip_counts = _split_counts(num_clips, split_fractions)
+    speakers = _plan_speakers(rng, lang, seed, clip_counts)
+
+    plan = []  # (split, speaker, written, spoken), in clip order
+    for split, count, group in zip(SPLITS, clip_counts, speakers):
+        for j in range(count):  # every speaker gets a clip, then random ones
+            spk = group[j] if j < len(group) else group[int(rng.integers(len(group)))]
+            plan.append((split, spk, *make_sentence(rng, words, (lo, hi))))
+
+    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    seconds = {s: 0.0 for s in SPLITS}
+    durations = []
+    for clip_index, (split, spk, written, spoken) in enumerate(plan):
+        # Per-clip stream: audio variation never shifts the planning stream above.
+        clip_rng = np.random.default_rng([seed, clip_index])
+        rate = spk["rate"] + int(clip_rng.integers(-RATE_JITTER_WPM, RATE_JITTER_WPM + 1))
+        audio, sr = speak(spoken, voice, spk["variant"], rate, spk["pitch"], spk["range"])
+        name = f"common_voice_{lang}_{CLIP_ID_BASE + clip_index}.mp3"
+        dur = write_clip(out / "clips" / name, finish_audio(clip_rng, audio, sr))
+        seconds[split] += dur
+        durations.append({"clip": name, "duration[ms]": str(round(dur * 1000))})
+        rows[split].append(make_row(spk["client_id"], name, written, lang, spk["age"], spk["gender"]))
+
+    for split in SPLITS:
+        write_tsv(out / f"{split}.tsv", rows[split])
+    write_tsv(out / "validated.tsv", [r for s in SPLITS for r in rows[s]])
+    for name in EMPTY_TSVS:
+        write_tsv(out / name, [])
+    write_tsv(out / "clip_durations.tsv", durations, columns=("clip", "duration[ms]"))
+    return {
+        "lang": lang, "out_dir": str(out),
+        "counts": {s: len(rows[s]) for s in SPLITS},
+        "speakers": {s: len(g) for s, g in zip(SPLITS, speakers)},
+        "hours": sum(seconds.values()) / 3600,
+        "split_hours": {s: v / 3600 for s, v in seconds.items()},
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Synthesise a Common-Voice-shaped release with espeak-ng.")
+    parser.add_argument("--lang", help="language code = word list name (see --list)")
+    parser.add_argument("--out", help="output directory (the language folder of a CV release)")
+    parser.add_argument("--num-clips", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="print the languages with a word list")
+    args = parser.parse_args(argv)
+    if args.list:
+        print(" ".join(available_languages()))
+        return
+    if not (args.lang and args.out):
+        parser.error("--lang and --out are required (or use --list)")
+    start = time.perf_counter()
+    summary = synthesize_corpus(args.out, args.lang, args.num_clips, args.seed)
+    summary["seconds_taken"] = round(time.perf_counter() - start, 2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
+
+
+def synth(cfg) -> dict:
+    """`w2vbert-asr synth recipe=demo`: the corpus for cfg.lang into cfg.synth.output_dir (default data.root)."""
+    out = Path(cfg.synth.output_dir)
+    if (out / "train.tsv").is_file() and not cfg.synth.get("overwrite", False):
+        print(f"{out} already holds a release; keeping it (synth.overwrite=true to write it again)")
+        return {"out_dir": str(out), "skipped": True}
+    if cfg.lang not in available_languages():
+        from . import UsageError
+
+        raise UsageError(f"no word list for lang={cfg.lang!r}; synthetic corpora exist for "
+                         f"{', '.join(available_languages())} (add w2vbert_asr/wordlists/<lang>.txt for more)")
+    summary = synthesize_corpus(out, cfg.lang, num_clips=cfg.synth.num_clips, seed=cfg.seed)
+    print(f"wrote {sum(summary['counts'].values())} clips ({summary['hours']:.2f} h) to {out}: {summary['counts']}")
+    return summary
