@@ -1,10 +1,10 @@
 """Training-step throughput, peak GPU memory and MFU of the 600M W2v-BERT 2.0 CTC model.
 
 Usage:
-    python benchmarks/train_step.py                                   # GPU: 600M, fp16, 16 GiB cap; no GPU: --small on CPU
-    python benchmarks/train_step.py --attn both --steps 20 --warmup 5 # eager vs SDPA side by side, same batches and init
+    python benchmarks/train_step.py                       # GPU: 600M, fp16, 16 GiB cap; no GPU: --small on CPU
+    python benchmarks/train_step.py --attn both           # eager vs SDPA side by side, same batches and init
     python benchmarks/train_step.py --dtype bf16 --memory-cap-gib 0   # bf16 on the whole GPU
-    python benchmarks/train_step.py --device cpu --small --attn both --steps 3 --warmup 1
+    python benchmarks/train_step.py --device cpu --small --attn both --threads 1
 
 What one step is: ``gradient_accumulation_steps`` micro-batches, each = random 16 kHz noise moved to the
 device, features computed there by ``BatchFeatureExtractor`` (timed), forward + CTC loss under autocast,
@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import re
 import shlex
 import sys
 import tempfile
@@ -53,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without install; also makes benchmarks.* importable
 
-from benchmarks.batching import corpus_durations  # noqa: E402
+from benchmarks.batching import MAX_SECONDS, MIN_SECONDS, corpus_durations  # noqa: E402
 from w2vbert_asr.batching import DurationBatchSampler  # noqa: E402
 from w2vbert_asr.cli import compose  # noqa: E402
 from w2vbert_asr.data import ctc_output_frames  # noqa: E402
@@ -67,7 +68,7 @@ NOISE_STD = 0.1  # random "speech": Gaussian noise well inside [-1, 1]
 CHARS_PER_SECOND = 12.0  # read speech in alphabetic scripts: ~2.5 words/s of ~5 characters incl. spaces
 # 37 characters + [PAD], [UNK] and "|" = 40 tokens, the size of a typical alphabetic character vocabulary.
 CHARS = "abcdefghijklmnopqrstuvwxyz'-" + "àáâäçèéêí"
-CORPUS_UTTERANCES = 20_000  # enough batches for any step count here without repeating an epoch
+CORPUS_UTTERANCES = 20_000  # ~27 h: ~750 batches an epoch at 160 s per batch, so no batch repeats
 TARGET_PEAK_GIB = 15.0  # leaves ~1 GiB of a 16 GB card for the CUDA context, cuDNN/cuBLAS workspaces
 DEFAULT_CAP_GIB = 16.0
 
@@ -87,10 +88,11 @@ FULL_ARCHITECTURE = {
 # Caps for --small on CPU, so the default CPU run takes seconds (the GPU caps come from the YAML).
 SMALL_CAPS = {"max_batch_seconds": 20.0, "max_batch_size": 8, "gradient_accumulation_steps": 2}
 
-# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, matched as a substring of
-# torch.cuda.get_device_name(); more specific names first (an "H100 PCIe" is not an SXM part).
+# Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, matched as a whole word in
+# torch.cuda.get_device_name() (an "L40S" is no "L4"); more specific names first (an "H100 PCIe" is no SXM).
 PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),  # SXM ("NVIDIA H100 80GB HBM3")
     ("H200", 989.0),
     ("A100", 312.0),
@@ -109,7 +111,7 @@ TRAIN_FLOPS_PER_FORWARD = 3  # backward = 2 x forward: gradients for activations
 def peak_tflops(device_name: str) -> float | None:
     """Dense fp16/bf16 peak of a GPU by name, or None when the name is not in the table."""
     for key, tflops in PEAK_TFLOPS:
-        if key.lower() in device_name.lower():
+        if re.search(rf"\b{re.escape(key)}\b", device_name, flags=re.IGNORECASE):
             return tflops
     return None
 
@@ -117,9 +119,8 @@ def peak_tflops(device_name: str) -> float | None:
 def _weight_params(module: torch.nn.Module) -> int:
     """Parameters used once per frame (weights, biases, norms, convolutions); embeddings are gathered
     per (query, key) pair instead and are counted in the attention terms."""
-    return sum(
-        p.numel() for m in module.modules() if not isinstance(m, torch.nn.Embedding) for p in m.parameters(recurse=False)
-    )
+    modules = [m for m in module.modules() if not isinstance(m, torch.nn.Embedding)]
+    return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
 
 def forward_flops(model, batch_size: int, frames: int) -> tuple[float, float]:
@@ -195,10 +196,12 @@ def make_micro_batch(durations: np.ndarray, vocab_size: int, model_config, seed:
     return MicroBatch(waves, torch.from_numpy(lengths), labels, seconds, padded)
 
 
-def plan_batches(max_seconds: float, max_batch_size: int, num_micro: int, seed: int) -> tuple[list[np.ndarray], float]:
+def plan_batches(
+    max_seconds: float, max_batch_size: int, num_micro: int, seed: int, max_duration: float = MAX_SECONDS
+) -> tuple[list[np.ndarray], float]:
     """Durations of ``num_micro`` micro-batches from a shuffled epoch of DurationBatchSampler, the batch
     holding the longest clip first. -> (list of ``(B,)`` durations, padding share of the epoch)."""
-    durations = corpus_durations(CORPUS_UTTERANCES, seed)
+    durations = np.clip(corpus_durations(CORPUS_UTTERANCES, seed), MIN_SECONDS, max_duration)
     sampler = DurationBatchSampler(durations, max_seconds, max_batch_size, shuffle=True, seed=seed)
     batches, epoch = [], 0
     while len(batches) < num_micro:
@@ -292,6 +295,34 @@ def _build(model_cfg: DictConfig, tokenizer, attn: str, device, seed: int, init_
     return model.to(device).train()
 
 
+def _train_step(model, optimizer, scaler, autocast, params, batches: list[MicroBatch], setup: dict, seed: int):
+    """One optimizer step over ``batches`` (gradient accumulation). -> (mean loss tensor, feature shapes
+    ``[(B, T), ...]``, a callable giving the feature-extraction seconds once the device is synchronised).
+
+    A function of its own so that after an OOM its activations die with its frame."""
+    device, tcfg = setup["device"], setup["train_cfg"]
+    feature_watch = _Stopwatch(device)
+    shapes, losses = [], []
+    for k, mb in enumerate(batches):
+        with feature_watch():
+            feats, mask = setup["featurizer"](mb.waves.to(device), mb.lengths.to(device))
+        shapes.append(tuple(feats.shape[:2]))
+        # SpecAugment draws its masks from numpy's global RNG and dropout from torch's: seeding both per
+        # micro-batch gives every attention implementation the very same masks.
+        np.random.seed(seed + k)
+        torch.manual_seed(seed + k)
+        with autocast:
+            loss = model(input_features=feats, attention_mask=mask, labels=mb.labels.to(device)).loss
+        scaler.scale(loss / len(batches)).backward()
+        losses.append(loss.detach())
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(losses).float().mean(), shapes, feature_watch.total
+
+
 def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResult, dict | None]:
     """Warm up and time ``args.steps`` optimizer steps with one attention implementation.
 
@@ -315,7 +346,6 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     )
-    featurizer = setup["featurizer"]
     accum = setup["accum"]
     params = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":
@@ -323,42 +353,24 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     micro = setup["micro_batches"]
-    step = 0
+    step, batches = 0, []
     try:
         for step in range(args.warmup + args.steps):
             batches = micro[step * accum : (step + 1) * accum]
             measured = step >= args.warmup
-            feature_watch = _Stopwatch(device)
-            shapes, losses = [], []
             scale_before = scaler.get_scale() if scaler.is_enabled() else None
             _sync(device)
             t0 = time.perf_counter()
-            for k, mb in enumerate(batches):
-                with feature_watch():
-                    waves, lengths = mb.waves.to(device), mb.lengths.to(device)
-                    feats, mask = featurizer(waves, lengths)
-                shapes.append(tuple(feats.shape[:2]))
-                # SpecAugment draws its masks from numpy's global RNG and dropout from torch's: seeding
-                # both per micro-batch gives every attention implementation the very same masks.
-                np.random.seed(args.seed + step * accum + k)
-                torch.manual_seed(args.seed + step * accum + k)
-                with autocast:
-                    loss = model(input_features=feats, attention_mask=mask, labels=mb.labels.to(device)).loss
-                scaler.scale(loss / accum).backward()
-                losses.append(loss.detach())
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            loss, shapes, feature_seconds = _train_step(model, optimizer, scaler, autocast, params, batches,
+                                                        setup, seed=args.seed + step * accum)
             _sync(device)
             elapsed = time.perf_counter() - t0
-            res.losses.append(float(torch.stack(losses).float().mean()))
+            res.losses.append(float(loss))
             skipped = scale_before is not None and scaler.get_scale() < scale_before
             if measured:
                 res.steps += 1
                 res.seconds += elapsed
-                res.feature_seconds += feature_watch.total()
+                res.feature_seconds += feature_seconds()
                 res.audio_seconds += sum(mb.seconds for mb in batches)
                 res.padded_seconds += sum(mb.padded_seconds for mb in batches)
                 m, h = step_flops(model, shapes, setup["checkpointing"])
@@ -370,7 +382,8 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
                   f"{elapsed:.3f} s, batches {shapes}{' (GradScaler skipped the update)' if skipped else ''}")
     except torch.cuda.OutOfMemoryError as err:  # the same class as torch.OutOfMemoryError
         first = str(err).splitlines()[0]
-        res.status, res.note = "OOM", f"step {step + 1} (micro-batches {[tuple(mb.waves.shape) for mb in batches]}): {first}"
+        shapes = [tuple(mb.waves.shape) for mb in batches]
+        res.status, res.note = "OOM", f"step {step + 1} (micro-batch waves {shapes}): {first}"
         print(f"[{attn}] out of memory at {res.note}; lower train.max_batch_seconds")
     except RuntimeError as err:
         if attn == "eager":
@@ -380,6 +393,7 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
     if device.type == "cuda":
         res.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
         res.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
+    optimizer.zero_grad(set_to_none=True)  # an OOM mid-step leaves gradients behind
     del model, optimizer, params
     gc.collect()
     if device.type == "cuda":
@@ -464,6 +478,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-batch-seconds", type=float, default=None, help="override the YAML / small caps")
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--max-duration", type=float, default=None,
+                   help=f"clip the synthetic corpus to this many seconds (default {MAX_SECONDS:g}, as Common Voice)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.device is None:
@@ -479,14 +496,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _has_bf16(device: torch.device) -> bool:
+    """Native bf16 (compute capability >= 8). torch.cuda.is_bf16_supported() also says True for a V100,
+    where bf16 only runs emulated (slowly), unless including_emulation=False."""
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def _resolve_dtype(args, train_cfg, device: torch.device) -> torch.dtype:
     name = args.dtype
     if name is None:
         setting = train_cfg.mixed_precision if device.type == "cuda" else "no"
         if setting == "auto":
-            setting = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            setting = "bf16" if _has_bf16(device) else "fp16"
         name = {"no": "fp32"}.get(setting, setting)
-    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if name == "bf16" and device.type == "cuda" and not _has_bf16(device):
         raise SystemExit(f"{torch.cuda.get_device_name(device)} has no bf16; use --dtype fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
@@ -495,6 +518,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = [f"train={args.train}", "lang=xx"] + (["model=tiny"] if args.small else [])
     cfg = compose(overrides)
     model_cfg = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
@@ -502,12 +527,15 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         model_cfg.architecture = FULL_ARCHITECTURE
     model_cfg.gradient_checkpointing = True  # the v100_16gb setting; tiny.yaml turns it off
     caps = {k: cfg.train[k] for k in SMALL_CAPS}
+    caps_source = f"conf/train/{args.train}.yaml"
     if args.small:
         caps.update(SMALL_CAPS)
+        caps_source = "small CPU caps"
     for key, value in (("max_batch_seconds", args.max_batch_seconds), ("max_batch_size", args.max_batch_size),
                        ("gradient_accumulation_steps", args.grad_accum)):
-        if value is not None:
+        if value is not None and value != caps[key]:
             caps[key] = value
+            caps_source = caps_source.split(" + ")[0] + " + command line"
     dtype = _resolve_dtype(args, cfg.train, device)
 
     cap_gib = None
@@ -532,7 +560,8 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     tokenizer = processor.tokenizer
     arch = architecture_config(model_cfg)
     num_micro = (args.warmup + args.steps) * caps["gradient_accumulation_steps"]
-    plan, padding = plan_batches(caps["max_batch_seconds"], caps["max_batch_size"], num_micro, args.seed)
+    plan, padding = plan_batches(caps["max_batch_seconds"], caps["max_batch_size"], num_micro, args.seed,
+                                 args.max_duration or MAX_SECONDS)
     micro = [make_micro_batch(d, len(tokenizer), arch, args.seed * 1_000_003 + i) for i, d in enumerate(plan)]
     setup = {
         "device": device, "dtype": dtype, "train_cfg": cfg.train, "model_cfg": model_cfg, "tokenizer": tokenizer,
@@ -542,14 +571,14 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
         if device.type == "cuda" else None, "cap_gib": cap_gib,
     }
     print(f"device: {device_name}" + (f" ({total_gib:.1f} GiB, cap {_fmt(cap_gib, 'g', 'none')} GiB)"
-                                      if total_gib else f" ({torch.get_num_threads()} threads)")
+                                      if total_gib else f" (threads: {torch.get_num_threads()})")
           + f"; peak {_fmt(setup['peak_tflops'], 'g', 'unknown')} TFLOP/s; dtype {str(dtype).removeprefix('torch.')}"
           + f"; torch {torch.__version__}")
     print(f"model: {'tiny (--small)' if args.small else 'w2v-bert-2.0 600M shape'}, random init, vocab "
           f"{len(tokenizer)}, gradient checkpointing, overrides from conf/model/w2v_bert_2.yaml")
     print(f"batches: max_batch_seconds {caps['max_batch_seconds']:g}, max_batch_size {caps['max_batch_size']}, "
           f"gradient_accumulation_steps {caps['gradient_accumulation_steps']} "
-          f"({'small CPU caps' if args.small else f'conf/train/{args.train}.yaml'}); epoch padding {padding:.1%}; "
+          f"({caps_source}); epoch padding {padding:.1%}; "
           f"{args.warmup} warmup + {args.steps} timed steps; first micro-batch: {len(plan[0])} x "
           f"{plan[0].max():.2f} s (holds the longest clip)")
 

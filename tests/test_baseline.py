@@ -215,3 +215,27 @@ def test_missing_checkpoint_is_a_usage_error(tmp_path):
     cfg = compose(["recipe=demo", f"output_dir={tmp_path}", f"baseline.name_or_path={tmp_path / 'nothing'}"])
     with pytest.raises(UsageError, match="baseline.name_or_path"):
         baseline(cfg)
+
+
+def test_outdated_generation_config_still_forces_language(run, tmp_path, tiny_whisper_dir):
+    """Older fine-tuned checkpoints ship a generation config without the language/task tables, often with
+    `forced_decoder_ids` pinning another language: the tables are rebuilt from the tokenizer and the
+    recipe's language still wins."""
+    import copy
+    import shutil
+
+    cfg, _ = run
+    old = shutil.copytree(tiny_whisper_dir, tmp_path / "old_whisper")
+    gen_file = old / "generation_config.json"
+    gen = json.loads(gen_file.read_text())
+    en, transcribe, no_ts = gen["lang_to_id"]["<|en|>"], gen["task_to_id"]["transcribe"], gen["no_timestamps_token_id"]
+    for key in ("lang_to_id", "task_to_id", "no_timestamps_token_id", "is_multilingual"):
+        gen.pop(key)
+    gen["forced_decoder_ids"] = [[1, en], [2, transcribe], [3, no_ts]]
+    gen_file.write_text(json.dumps(gen))
+    out = tmp_path / "results"
+    cfg = copy.deepcopy(cfg)  # the module's run fixture stays untouched
+    cfg.baseline.name_or_path, cfg.baseline.results_dir = str(old), str(out)
+    baseline(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["decoder_prompt"] == PROMPT

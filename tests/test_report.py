@@ -94,7 +94,9 @@ def test_warns_about_devices_utterance_sets_and_references(two_runs):
     assert "different references" in text
     assert report["common_utterances"] == 2
     assert "u3" not in {d["id"] for d in report["disagreements"]}
-    assert "> **Warning:**" in (tmp / "cmp" / "comparison.md").read_text()
+    md = (tmp / "cmp" / "comparison.md").read_text()
+    assert "> **Warning (!):**" in md
+    assert "| 3 (!) | 0.002 | 605.0 M | 250.0 (!) |" in md
 
 
 def test_same_system_twice_gets_distinct_labels(two_runs):

@@ -99,6 +99,10 @@ def _ensure_prompt_config(model, tokenizer) -> list[str]:
 # --------------------------------------------------------------------------------------------- model
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """'auto' device: cuda when present. 'auto' dtype: float16 on GPU (Whisper's release precision), else float32."""
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"baseline.device={device!r}: choose auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"baseline.device={device} but no CUDA device is visible; use baseline.device=cpu or auto")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     if dtype == "auto":

@@ -40,6 +40,7 @@ much faster: replace the .arpa in language_model/ with it; pyctcdecode accepts e
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -109,8 +110,9 @@ def train_texts(cfg: DictConfig, normalizer: Normalizer) -> tuple[list[str], str
 def write_arpa(texts: Iterable[str], order: int, path: str | Path) -> dict:
     """Back-off Kneser-Ney ARPA of word `order` from normalised sentences (+ `<unk>`, see module doc).
 
-    -> {"ngrams": {1: n, 2: n, ...}, "sentences": n, "words": n, "unk_log10": float}
+    -> {"ngrams": {1: n, 2: n, ...}, "sentences": n, "words": n, "vocabulary": n, "unk_log10": float}
     """
+    import kaldingram.train
     from kaldingram.train import NgramCounts
 
     if not MIN_ORDER <= order <= MAX_ORDER:
@@ -129,6 +131,26 @@ def write_arpa(texts: Iterable[str], order: int, path: str | Path) -> dict:
         sentences += 1
     if not sentences:
         raise UsageError("the LM text is empty after normalisation; check lm.text or the prepared train split")
+    # kaldingram draws a nested progress bar per order and pass; one log line per build is enough here.
+    log.info("estimating a %d-gram from %d sentences", order, sentences)
+    bars = kaldingram.train.tqdm
+    kaldingram.train.tqdm = functools.partial(bars, disable=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _estimate(counts, word_counts)
+        with open(path, "w", encoding="utf-8") as f:
+            counts.print_as_arpa(fout=f)
+    finally:
+        kaldingram.train.tqdm = bars
+    ngrams = {n + 1: sum(len(h.word_to_f) for h in counts.counts[n].values()) for n in range(order)}
+    p_unk = counts.counts[0][()].word_to_f[UNK]
+    return {"ngrams": ngrams, "sentences": sentences, "words": sum(word_counts.values()),
+            "vocabulary": len(word_counts), "unk_log10": math.log10(p_unk)}
+
+
+def _estimate(counts, word_counts: Counter) -> None:
+    """Kneser-Ney discounts and probabilities, `<unk>` with the unseen mass, then back-off weights."""
     counts.cal_discounting_constants()
     counts.cal_f()
     # Good-Turing unseen mass for <unk>; the seen unigrams give up exactly that share.
@@ -140,13 +162,6 @@ def write_arpa(texts: Iterable[str], order: int, path: str | Path) -> dict:
     unigrams.word_to_count[UNK] = 0
     unigrams.word_to_f[UNK] = p_unk
     counts.cal_bow()  # after the rescale, so every back-off weight renormalises against the new unigrams
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        counts.print_as_arpa(fout=f)
-    ngrams = {n + 1: sum(len(h.word_to_f) for h in counts.counts[n].values()) for n in range(order)}
-    return {"ngrams": ngrams, "sentences": sentences, "words": sum(word_counts.values()),
-            "vocabulary": len(word_counts), "unk_log10": math.log10(p_unk)}
 
 
 # --------------------------------------------------------------------------------------------- decoding

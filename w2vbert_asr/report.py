@@ -32,6 +32,7 @@ MARKDOWN = "comparison.md"
 JSON = "comparison.json"
 PNG = "comparison.png"
 MIN_RUNS = 2
+WARN = " (!)"  # marks table cells that a warning below the table qualifies
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -139,15 +140,20 @@ def to_markdown(report: dict) -> str:
     lines = [f"# Comparison on split `{report['split']}`", "",
              "| system | model | WER % | CER % | utterances | audio h | parameters | RTFx | measured on |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    # Flag the cells a warning below the table is about, so nobody reads the numbers without it.
+    mixed_devices = len({r["device"] for r in report["runs"]}) > 1
+    mixed_sets = any(r["utterances"] != report["common_utterances"] for r in report["runs"])
     for r in report["runs"]:
+        utts = f"{r['utterances']}{WARN if mixed_sets else ''}"
+        rtfx = f"{_fmt(r['rtfx'], digits=1)}{WARN if mixed_devices else ''}"
         lines.append(f"| {_cell(r['label'])} | {_cell(r['model'])} | {_fmt(r['wer'], 100)} | {_fmt(r['cer'], 100)} | "
-                     f"{r['utterances']} | {_fmt(r['audio_hours'], digits=3)} | {_params(r['parameters'])} | "
-                     f"{_fmt(r['rtfx'], digits=1)} | {_cell(r['device'])}, {_cell(r['batch'])} |")
+                     f"{utts} | {_fmt(r['audio_hours'], digits=3)} | {_params(r['parameters'])} | "
+                     f"{rtfx} | {_cell(r['device'])}, {_cell(r['batch'])} |")
     lines.append("")
     lines.append("WER/CER on normalised text (the same normaliser for references and every hypothesis); "
                  "RTFx = audio seconds / wall seconds of decoding, features included.")
     if report["warnings"]:
-        lines += ["", *(f"> **Warning:** {w}" for w in report["warnings"])]
+        lines += ["", *(f"> **Warning{WARN}:** {w}" for w in report["warnings"])]
     lines += ["", f"## Where the systems disagree most (top {len(report['disagreements'])} of "
               f"{report['common_utterances']} common utterances, by per-utterance WER spread, then CER)", ""]
     if not report["disagreements"]:

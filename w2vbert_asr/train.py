@@ -18,7 +18,9 @@ import json
 import logging
 import math
 import os
+import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -79,7 +81,8 @@ def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        # Emulated bf16 (e.g. V100) is slow: only native support counts.
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     return "no"
 
 
@@ -90,7 +93,9 @@ def _optimizer(model, tcfg) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps)
+    fused = torch.cuda.is_available()  # one kernel for all parameters: faster on GPU, unavailable on CPU builds
+    return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
+                             fused=fused)
 
 
 def _latest_checkpoint(ckpt_root: Path) -> Path | None:
@@ -112,14 +117,22 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, handler_box: list) -> dict:
     tcfg = cfg.train
     out = Path(cfg.output_dir)
-    accelerator = Accelerator(mixed_precision=_mixed_precision(tcfg.mixed_precision),
+    # A distributed launch on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2`)
+    # must ask for CPU explicitly, or every process would believe it is alone.
+    cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=_mixed_precision(tcfg.mixed_precision),
                               gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
                               log_with=tcfg.log_with, project_dir=str(out))
     main = accelerator.is_main_process
+    print(f"process {accelerator.process_index} of {accelerator.num_processes} processes on {accelerator.device}")
+    if not main:  # one voice on the terminal
+        logging.getLogger("w2vbert_asr").setLevel(logging.WARNING)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         handler_box.append(_setup_logging(out / "train.log"))
         prepare(cfg)
+        if not cfg.push.get("command"):  # the model card shows how this model was made
+            cfg.push.command = " ".join(shlex.quote(a) if " " in a else a for a in sys.argv)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
@@ -245,6 +258,10 @@ def _train(cfg: DictConfig, handler_box: list) -> dict:
         result["nonfinite_grads"] = state.nonfinite_grads
         result["steps"] = state.step
         print(f"model: {out / 'model'}  (best eval WER {100 * state.best_wer:.2f}% at step {state.best_step})")
+        if cfg.push.after_train:
+            from .hub import push
+
+            result["push"] = push(cfg)
     return result
 
 
@@ -255,7 +272,7 @@ def _evaluate_and_checkpoint(cfg, accelerator, model, eval_ds, featurizer, decod
     metrics, rows = score(eval_ds, hyps, normalizer)
     accelerator.log({"eval/wer": metrics["wer"], "eval/cer": metrics["cer"]}, step=state.step)
     state.history.append({"step": state.step, "eval/wer": metrics["wer"], "eval/cer": metrics["cer"]})
-    log.info("step %d eval/wer %.4f eval/cer %.4f", state.step, metrics["wer"], metrics["cer"])
+    log.info("step %d %s", state.step, json.dumps({"eval/wer": metrics["wer"], "eval/cer": metrics["cer"]}))
     print(f"\nstep {state.step}: eval WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
           f"e.g. ref={rows[0]['reference']!r} hyp={rows[0]['hypothesis']!r}")
     if metrics["wer"] < state.best_wer:

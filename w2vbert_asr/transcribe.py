@@ -32,7 +32,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -426,7 +426,3 @@ def transcribe(cfg: DictConfig) -> dict:
               "max_gap": float(tcfg.get("srt_max_gap", 1.0))}
     return transcribe_files(transcriber, files, Path(tcfg.output_dir), formats, str(cfg.model_dir), limits)
 
-
-__all__ = ["Chunk", "Transcriber", "Transcript", "Word", "audio_extensions", "find_audio", "load_model",
-           "plan_chunks", "samples_per_frame", "srt_time", "subtitle_cues", "to_srt", "transcribe",
-           "transcribe_files", "write_outputs", "asdict"]
