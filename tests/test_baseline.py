@@ -76,7 +76,8 @@ def build_tiny_whisper(directory: str | Path, transcript: str = TRANSCRIPT,
     config = WhisperConfig(
         vocab_size=len(vocab), num_mel_bins=80, d_model=TINY_D_MODEL, encoder_layers=1, decoder_layers=1,
         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=TINY_D_MODEL, decoder_start_token_id=tid("<|startoftranscript|>"),
+        max_source_positions=1500, max_target_positions=TINY_D_MODEL,
+        decoder_start_token_id=tid("<|startoftranscript|>"),
         pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, suppress_tokens=None, begin_suppress_tokens=None,
         tie_word_embeddings=False)
     torch.manual_seed(0)

@@ -46,7 +46,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Whisper's prompt tokens, looked up in the tokenizer when a checkpoint's generation config lacks them.
 TASK_TOKENS = {"transcribe": "<|transcribe|>", "translate": "<|translate|>"}
 NO_TIMESTAMPS_TOKEN = "<|notimestamps|>"
-PROMPT_TOKENS = ("<|startoftranscript|>", "<|language|>", TASK_TOKENS[TASK], NO_TIMESTAMPS_TOKEN)  # the forced prompt's shape
+# The forced prompt's shape: start, language, task, no-timestamps.
+PROMPT_TOKENS = ("<|startoftranscript|>", "<|language|>", TASK_TOKENS[TASK], NO_TIMESTAMPS_TOKEN)
 
 
 # --------------------------------------------------------------------------------------------- language
@@ -203,7 +204,8 @@ def baseline(cfg: DictConfig) -> dict:
     language = whisper_language(bcfg.language, available if multilingual else None)
     if not multilingual and language != "en":
         raise UsageError(f"{bcfg.name_or_path} is an English-only Whisper checkpoint and cannot transcribe "
-                         f"<|{language}|>; set baseline.name_or_path to a multilingual one (e.g. openai/whisper-large-v3)")
+                         f"<|{language}|>; set baseline.name_or_path to a multilingual one "
+                         "(e.g. openai/whisper-large-v3)")
     # The prompt and the new tokens share the decoder's positions (448 in released checkpoints).
     max_new_tokens = min(int(bcfg.max_new_tokens), model.config.max_target_positions - len(PROMPT_TOKENS))
     if max_new_tokens < int(bcfg.max_new_tokens):

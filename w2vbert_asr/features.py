@@ -1,4 +1,4 @@
-"""Batched, device-agnostic W2v-BERT 2.0 input features in torch.
+"""Batched W2v-BERT 2.0 input features, on CPU or GPU.
 
 Reproduces ``transformers.SeamlessM4TFeatureExtractor`` (what ``Wav2Vec2BertForCTC`` consumes)
 to within 1e-3: Kaldi-style 80-bin log-mel fbank (Povey window, pre-emphasis, per-frame DC
@@ -6,9 +6,11 @@ removal, waveform scaled to the int16 range, no dither), per-utterance mean/vari
 normalisation of every mel bin over the valid frames, padding to a multiple of 2 frames and
 stacking pairs of frames into 160-dim vectors, with the same attention mask.
 
-The HF extractor loops over frames in numpy (20-60 ms per 10 s clip on one core); this module
-runs each chunk of frames as a few large tensor ops in float32, on CPU or GPU, and redoes in
-float64 only the frames where float32 rounding would show (see ``RECHECK_RATIO``).
+The HF extractor loops over frames in numpy (~20 ms per 10 s clip on one core). Here each chunk
+of frames is one batched float32 FFT and a few banded mel matrix products; on CPU the
+element-wise steps around them are fused numba loops (torch ops when numba is missing, and on
+GPU). The few frames where float32 rounding would show are redone in float64
+(see ``RECHECK_RATIO``).
 
 Usage:
     from transformers import SeamlessM4TFeatureExtractor
@@ -22,6 +24,8 @@ Usage:
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -51,6 +55,11 @@ MEL_GROUP_SIZE = 16
 # more than ~3e-4 in log (measured on espeak speech); such frames (~4-10% of speech frames,
 # mostly voiced frames with near-empty bins below 300 Hz) are recomputed in float64.
 RECHECK_RATIO = 1e-8
+# Kaldi per frame: y = f - mean(f); y[i] -= 0.97 y[i-1] (i >= 1); y[0] *= 0.03; y *= window.
+# For i >= 1 that is 0.03 (u[i] - mean(f)) with u[i] = x[i-1] + (x[i] - x[i-1]) / 0.03: rounding
+# then scales with |x[i] - x[i-1]| + 0.03 |x| instead of |x| (keeps weak low-frequency bins
+# accurate). The 0.03 goes into the window; y[0] is zeroed by the window (checked in __init__).
+INV_COMPLEMENT = 1.0 / (1.0 - PREEMPHASIS)
 
 
 def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,14 +71,124 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
         t = wave if torch.is_tensor(wave) else torch.from_numpy(np.asarray(wave, dtype=np.float32))
         if t.dim() != 1:
             raise ValueError(f"wave {i} has shape {tuple(t.shape)}; expected a 1-D mono waveform (mix down first)")
-        tensors.append(t.to(torch.float32))
+        tensors.append(t)
     lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
-    return torch.nn.utils.rnn.pad_sequence(tensors, batch_first=True), lengths
+    out = torch.empty(len(tensors), int(lengths.max()), dtype=torch.float32, device=tensors[0].device)
+    for row, t in zip(out, tensors):  # one pass per row: copy, then zero only the tail
+        row[: t.numel()] = t
+        row[t.numel() :] = 0.0
+    return out, lengths
 
 
 def num_fbank_frames(lengths: torch.Tensor) -> torch.Tensor:
     """``(B,)`` sample counts -> ``(B,)`` fbank frames before stacking (Kaldi ``snip_edges``)."""
     return torch.div(lengths - FRAME_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1
+
+
+# --- fused CPU loops (numba) -------------------------------------------------------------------
+def _frames_py(x, window, out):
+    """The first R Kaldi frames of 1-D float32 ``x`` into ``out`` ``(R, 512)``: DC removed,
+    pre-emphasised, windowed (``window`` includes the 0.03, see INV_COMPLEMENT), zero tail.
+    (Callers slice ``x`` to the first frame: a start offset here stops LLVM vectorising, 4x slower.)"""
+    inv = np.float32(INV_COMPLEMENT)
+    for r in range(out.shape[0]):
+        s = r * HOP_LENGTH
+        acc = np.float32(0.0)
+        for i in range(FRAME_LENGTH):
+            acc += x[s + i]
+        mean = acc / np.float32(FRAME_LENGTH)
+        out[r, 0] = 0.0
+        for i in range(1, FRAME_LENGTH):
+            prev = x[s + i - 1]
+            out[r, i] = window[i] * (prev + (x[s + i] - prev) * inv - mean)
+        for i in range(FRAME_LENGTH, FFT_LENGTH):
+            out[r, i] = 0.0
+
+
+def _frames64_py(waves, clip, index, window, out):
+    """HF's float64 framing of frames ``index[r]`` of ``waves[clip[r]]`` (``(B, N)`` float32) into
+    ``out`` ``(R, 512)`` float64: DC removed, pre-emphasised, windowed, zero tail."""
+    for r in range(out.shape[0]):
+        c, s = clip[r], index[r] * HOP_LENGTH
+        acc = 0.0
+        for i in range(FRAME_LENGTH):
+            acc += waves[c, s + i]
+        mean = acc / FRAME_LENGTH
+        out[r, 0] = window[0] * (1.0 - PREEMPHASIS) * (waves[c, s] - mean)
+        for i in range(1, FRAME_LENGTH):
+            out[r, i] = window[i] * ((waves[c, s + i] - mean) - PREEMPHASIS * (waves[c, s + i - 1] - mean))
+        for i in range(FRAME_LENGTH, FFT_LENGTH):
+            out[r, i] = 0.0
+
+
+def _weak_rows_py(mel, scale, floor, weak):
+    """Per row of float32 mel power ``(R, mel)``: ``weak[r]`` = some bin * scale < row total
+    (see RECHECK_RATIO); then floors the row at ``floor`` in place."""
+    for r in range(mel.shape[0]):
+        total = np.float32(0.0)
+        low = np.float32(np.inf)
+        for j in range(mel.shape[1]):
+            total += mel[r, j]
+            low = min(low, mel[r, j] * scale[j])
+        weak[r] = low < total
+        for j in range(mel.shape[1]):
+            mel[r, j] = max(mel[r, j], floor)
+
+
+def _normalise_py(feats, count, padding_value):
+    """In place on ``(T, mel)`` float32: rows < count to zero mean, unit unbiased variance per
+    column (float64 sums); rows >= count to ``padding_value``."""
+    bins = feats.shape[1]
+    mean = np.zeros(bins, np.float64)
+    for t in range(count):
+        for j in range(bins):
+            mean[j] += feats[t, j]
+    mean /= count
+    var = np.zeros(bins, np.float64)
+    for t in range(count):
+        for j in range(bins):
+            d = feats[t, j] - mean[j]
+            var[j] += d * d
+    scale = (1.0 / np.sqrt(var / (count - 1) + NORM_EPS)).astype(np.float32)
+    shift = mean.astype(np.float32)
+    for t in range(count):
+        for j in range(bins):
+            feats[t, j] = (feats[t, j] - shift[j]) * scale[j]
+    for t in range(count, feats.shape[0]):
+        for j in range(bins):
+            feats[t, j] = padding_value
+
+
+_KERNELS: dict = {}
+# Per-thread FFT input buffer for the CPU path, reused across calls: a fresh 2 MB buffer per chunk
+# costs ~0.3 ms of page faults, as much as the framing itself. Module-level so that extractors
+# stay picklable (DataLoader workers) and threads never share one.
+_WORKSPACE = threading.local()
+
+
+def _cpu_buffer(rows: int) -> torch.Tensor:
+    """A ``(rows, 512)`` float32 CPU tensor whose memory is reused by later calls in this thread."""
+    buf = getattr(_WORKSPACE, "buf", None)
+    if buf is None or buf.shape[0] < rows:
+        buf = _WORKSPACE.buf = torch.empty(max(rows, CPU_FRAMES_PER_CHUNK), FFT_LENGTH)
+    return buf[:rows]
+
+
+def _cpu_kernels() -> dict | None:
+    """The numba-compiled loops (compiled once, cached on disk by numba), or None without numba."""
+    if not _KERNELS:
+        try:
+            import numba
+        except ImportError:
+            _KERNELS["missing"] = True
+        else:
+            # reassoc: vectorised sums; contract: fused multiply-add. Both only change rounding.
+            jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+            _KERNELS.update(
+                frames=jit(_frames_py), frames64=jit(_frames64_py), weak_rows=jit(_weak_rows_py),
+                normalise=jit(_normalise_py),
+            )
+    return None if "missing" in _KERNELS else _KERNELS
 
 
 class BatchFeatureExtractor(torch.nn.Module):
@@ -82,6 +201,8 @@ class BatchFeatureExtractor(torch.nn.Module):
         padding_value: value of padded feature positions.
         sampling_rate: expected input rate in Hz (callers check it via ``.sampling_rate``).
         frames_per_chunk: CPU chunk size in frames (a GPU runs all frames at once).
+        cpu_kernels: on CPU use the fused numba loops when numba is installed (False: torch ops,
+            the path GPUs take).
     """
 
     def __init__(
@@ -92,6 +213,7 @@ class BatchFeatureExtractor(torch.nn.Module):
         padding_value: float = 0.0,
         sampling_rate: int = 16000,
         frames_per_chunk: int = CPU_FRAMES_PER_CHUNK,
+        cpu_kernels: bool = True,
     ):
         super().__init__()
         mel = torch.as_tensor(np.asarray(mel_filters), dtype=torch.float64)
@@ -111,30 +233,28 @@ class BatchFeatureExtractor(torch.nn.Module):
         self.padding_value = float(padding_value)
         self.sampling_rate = int(sampling_rate)
         self.frames_per_chunk = int(frames_per_chunk)
+        self.cpu_kernels = bool(cpu_kernels)
         # Non-persistent: derived constants, not weights; keeps them out of model checkpoints.
         self.register_buffer("window", window.to(torch.float32), persistent=False)
-        # The fast path computes z = x[i] - 0.97 x[i-1] as 0.03 * lerp(x[i-1], x[i], 1 / 0.03) and
-        # folds that 0.03 into its window.
-        self.register_buffer("_window_fast", (window * (1.0 - PREEMPHASIS)).to(torch.float32), persistent=False)
-        self.register_buffer("_window64", window, persistent=False)  # float64 recheck
         self.register_buffer("mel_filters", mel.to(torch.float32), persistent=False)
+        self.register_buffer("_window_fast", (window * (1.0 - PREEMPHASIS)).to(torch.float32), persistent=False)
+        self.register_buffer("_window64", window, persistent=False)  # float64 redo
         # Kaldi scales samples to the int16 range; scaling the power by (2**15)**2 instead is exact
         # (a power of two) and saves a pass over the waveform.
         scaled = mel * INT16_SCALE**2
-        self.register_buffer("_mel_dense", scaled.repeat_interleave(2, dim=0).to(torch.float32), persistent=False)
         self._groups = []
         for g, (k0, k1, m0, m1, weights) in enumerate(self._mel_groups(scaled)):
             self.register_buffer(f"_mel_group_{g}", weights, persistent=False)
             self._groups.append((2 * k0, 2 * k1, m0, m1, f"_mel_group_{g}"))
-        # Recheck test: mel power / filter weight < RECHECK_RATIO * total mel power of the frame.
+        # Weak-frame test: mel power / filter weight < RECHECK_RATIO * the frame's total mel power.
         weight = mel.sum(dim=0)
         inv_weight = torch.where(weight > 0, 1.0 / (weight.clamp(min=1e-30) * RECHECK_RATIO), torch.zeros_like(weight))
         self.register_buffer("_recheck_scale", inv_weight.to(torch.float32), persistent=False)
-        self._workspace: dict = {}  # reusable FFT input buffer per (device, dtype); see _fft_buffer
 
     @classmethod
-    def from_hf(cls, feature_extractor) -> "BatchFeatureExtractor":
-        """From a ``SeamlessM4TFeatureExtractor`` (e.g. ``processor.feature_extractor``)."""
+    def from_hf(cls, feature_extractor, **kwargs) -> "BatchFeatureExtractor":
+        """From a ``SeamlessM4TFeatureExtractor`` (e.g. ``processor.feature_extractor``);
+        ``kwargs`` go to the constructor (``frames_per_chunk``, ``cpu_kernels``)."""
         side = getattr(feature_extractor, "padding_side", "right")
         if side != "right":
             raise ValueError(f"only padding_side='right' is supported, the extractor has {side!r}")
@@ -144,6 +264,7 @@ class BatchFeatureExtractor(torch.nn.Module):
             stride=feature_extractor.stride,
             padding_value=feature_extractor.padding_value,
             sampling_rate=feature_extractor.sampling_rate,
+            **kwargs,
         )
 
     @staticmethod
@@ -173,88 +294,64 @@ class BatchFeatureExtractor(torch.nn.Module):
         # Stacked frame j is valid iff fbank frame j * stride + 1 is.
         return torch.div(frames - 2, self.stride, rounding_mode="floor") + 1
 
-    def _redo_in_float64_(self, waves: torch.Tensor, feats: torch.Tensor, clip: torch.Tensor, index: torch.Tensor) -> None:
-        """Recompute log-mel frames ``feats[clip, index]`` in float64, in HF's order of operations.
+    # --- shared steps -------------------------------------------------------------------------
+    def _mel_power(self, frames: torch.Tensor, mel: torch.Tensor) -> None:
+        """Windowed frames ``(R, 512)`` (float32 or float64) -> float32 mel power into ``mel``."""
+        spec = torch.view_as_real(torch.fft.rfft(frames)).reshape(frames.shape[0], 2 * NUM_FREQ_BINS)
+        power = spec.square_() if spec.dtype == torch.float32 else spec.to(torch.float32).square_()
+        for k0, k1, m0, m1, name in self._groups:
+            torch.mm(power[:, k0:k1], getattr(self, name), out=mel[:, m0:m1])
 
-        waves ``(B, N)``; feats ``(B, T, mel)`` log-mel, fixed in place; clip, index ``(R,)``.
-        Done once per batch for all weak frames, so its fixed cost is paid once.
-        """
-        raw = waves.unfold(1, FRAME_LENGTH, HOP_LENGTH)[clip, index].double()  # (R, 400)
-        raw -= raw.mean(dim=1, keepdim=True)
-        emphasised = torch.empty_like(raw)
-        torch.sub(raw[:, 1:], raw[:, :-1], alpha=PREEMPHASIS, out=emphasised[:, 1:])
-        emphasised[:, 0] = raw[:, 0] * (1.0 - PREEMPHASIS)
-        emphasised *= self._window64.to(torch.float64)  # .to: survives a module-wide .float()
-        spec = torch.view_as_real(torch.fft.rfft(emphasised, n=FFT_LENGTH)).reshape(clip.numel(), -1)
-        mel = spec.to(torch.float32).square_() @ self._mel_dense
+    def _log_mel_(self, frames: torch.Tensor, mel: torch.Tensor, kernels: dict | None) -> torch.Tensor:
+        """Windowed frames ``(R, 512)`` -> log-mel into ``mel`` ``(R, mel)``; returns the weak rows
+        (checked here while the rows are in cache; fixed later, all at once)."""
+        self._mel_power(frames, mel)
+        if kernels:
+            weak = np.empty(frames.shape[0], np.bool_)
+            kernels["weak_rows"](mel.numpy(), self._recheck_scale.numpy(), MEL_FLOOR, weak)
+            rows = torch.from_numpy(np.flatnonzero(weak))
+        else:
+            rows = ((mel * self._recheck_scale).amin(dim=1) < mel.sum(dim=1)).nonzero().flatten()
+            mel.clamp_(min=MEL_FLOOR)
+        mel.log_()
+        return rows
+
+    def _redo_in_float64_(self, waves: torch.Tensor, feats: torch.Tensor, clip: torch.Tensor, index: torch.Tensor,
+                          kernels: dict | None) -> None:
+        """Recompute log-mel frames ``feats[clip, index]`` with float64 framing and FFT, in HF's
+        order of operations. waves ``(B, N)``; feats ``(B, T, mel)`` fixed in place; clip, index ``(R,)``."""
+        window = self._window64.to(torch.float64)  # .to: survives a module-wide .float()
+        if kernels:
+            frames = torch.empty(clip.numel(), FFT_LENGTH, dtype=torch.float64)
+            kernels["frames64"](waves.numpy(), clip.numpy(), index.numpy(), window.numpy(), frames.numpy())
+        else:
+            raw = waves.unfold(1, FRAME_LENGTH, HOP_LENGTH)[clip, index].double()  # (R, 400)
+            raw -= raw.mean(dim=1, keepdim=True)
+            frames = raw.new_zeros(clip.numel(), FFT_LENGTH)
+            torch.sub(raw[:, 1:], raw[:, :-1], alpha=PREEMPHASIS, out=frames[:, 1:FRAME_LENGTH])
+            frames[:, 0] = raw[:, 0] * (1.0 - PREEMPHASIS)
+            frames[:, :FRAME_LENGTH] *= window
+        mel = feats.new_empty(clip.numel(), self.num_mel_bins)
+        self._mel_power(frames, mel)
         feats[clip, index] = mel.clamp_(min=MEL_FLOOR).log_()
 
-    def _fft_buffer(self, rows: int, device: torch.device) -> torch.Tensor:
-        """A ``(>= rows, 512)`` float32 buffer, zero outside columns 1..399, kept between calls
-        (a fresh 2 MB buffer per call costs page faults and a fill)."""
-        buf = self._workspace.get(device)
-        if buf is None or buf.shape[0] < rows:
-            buf = torch.zeros(rows, FFT_LENGTH, device=device)  # zero tail = FFT padding; col 0 x window 0
-            self._workspace[device] = buf
-        return buf
-
-    def _log_mel_into(self, waves: torch.Tensor, dest: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Kaldi log-mel of ``(G, N)`` waves in [-1, 1] into ``dest`` ``(G, T, mel)``, float32.
-
-        Rows past a wave's own frames get garbage; callers mask them. Returns the weak frames as
-        (clip, frame) index tensors: float32 rounding may show there (see ``RECHECK_RATIO``).
-        """
-        clips, num_frames = dest.shape[0], dest.shape[1]
+    # --- CPU with numba -----------------------------------------------------------------------
+    def _log_mel_cpu(self, waves: torch.Tensor, frames: list[int], feats: torch.Tensor, kernels: dict) -> list:
+        """Clip by clip, chunk by chunk: fused framing loop, then FFT and mel (see _log_mel_)."""
+        window = self._window_fast.numpy()
         weak = []
-        step = max(1, self.frames_per_chunk // clips) if waves.device.type == "cpu" else num_frames
-        buf = self._fft_buffer(clips * min(step, num_frames), waves.device)
-        window = self._window_fast[1:]
-        for start in range(0, num_frames, step):
-            stop = min(start + step, num_frames)
-            rows = clips * (stop - start)
-            x = waves[:, start * HOP_LENGTH : (stop - 1) * HOP_LENGTH + FRAME_LENGTH]  # (G, L) view
-            # Kaldi per frame: y = f - mean(f); y[i] -= 0.97 y[i-1] (i >= 1); y[0] *= 0.03; y *= window.
-            # For i >= 1 that is 0.03 (u[i] - mean(f)) with u[i] = x[i-1] + (x[i] - x[i-1]) / 0.03,
-            # computed once per sample instead of per frame (lerp); the 0.03 is in the window and
-            # y[0] is zeroed by it (checked in __init__). Rounding scales with |x[i] - x[i-1]| +
-            # 0.03 |x|, not |x|, which keeps weak low-frequency bins accurate.
-            u = torch.lerp(x[:, :-1], x[:, 1:], 1.0 / (1.0 - PREEMPHASIS))  # u[:, k]: sample k + 1
-            dc = x.unfold(1, FRAME_LENGTH, HOP_LENGTH).mean(dim=2, keepdim=True)
-            frame = buf[:rows].view(clips, stop - start, FFT_LENGTH)[..., 1:FRAME_LENGTH]
-            torch.sub(u.unfold(1, FRAME_LENGTH - 1, HOP_LENGTH), dc, out=frame).mul_(window)
-            power = torch.view_as_real(torch.fft.rfft(buf[:rows])).reshape(rows, 2 * NUM_FREQ_BINS).square_()
-            # One clip: write straight into its contiguous rows of dest; else via a (rows, mel) temp.
-            mel = dest[0, start:stop] if clips == 1 else waves.new_empty(rows, self.num_mel_bins)
-            for k0, k1, m0, m1, name in self._groups:
-                torch.mm(power[:, k0:k1], getattr(self, name), out=mel[:, m0:m1])
-            # Checked here while the rows are in cache; redone later, all at once.
-            rows = ((mel * self._recheck_scale).amin(dim=1) < mel.sum(dim=1)).nonzero().flatten()
-            if rows.numel():
-                weak.append((torch.div(rows, stop - start, rounding_mode="floor"), rows % (stop - start) + start))
-            mel.clamp_(min=MEL_FLOOR).log_()
-            if clips > 1:
-                dest[:, start:stop] = mel.view(clips, stop - start, self.num_mel_bins)
+        for b, count in enumerate(frames):
+            x = waves[b].numpy()
+            for start in range(0, count, self.frames_per_chunk):
+                stop = min(start + self.frames_per_chunk, count)
+                buf = _cpu_buffer(stop - start)
+                kernels["frames"](x[start * HOP_LENGTH :], window, buf.numpy())
+                rows = self._log_mel_(buf, feats[b, start:stop], kernels)
+                if rows.numel():
+                    weak.append((torch.full_like(rows, b), rows + start))
         return weak
 
-    def _normalise_(self, feats: torch.Tensor, frames: torch.Tensor) -> None:
-        """In place: per clip and mel bin, zero mean and unit (unbiased) variance over the valid
-        frames as HF does; padding frames get ``padding_value``. feats ``(G, T, mel)``, frames ``(G,)``."""
-        if feats.shape[0] == 1:  # CPU: clip by clip, cache-resident and no masking needed
-            count = int(frames[0])
-            valid = feats[0, :count]
-            # (torch.var_mean over dim 0 is ~30x slower than these column sums on CPU)
-            valid.sub_(valid.mean(dim=0))
-            var = valid.square().sum(dim=0) / (count - 1)
-            valid.mul_(var.add_(NORM_EPS).rsqrt_())
-            feats[0, count:] = self.padding_value
-            return
-        pad = (torch.arange(feats.shape[1], device=feats.device) >= frames[:, None]).unsqueeze(-1)  # (G, T, 1)
-        count = frames.to(feats.dtype)[:, None, None]
-        feats.masked_fill_(pad, 0.0)
-        feats.sub_(feats.sum(dim=1, keepdim=True) / count).masked_fill_(pad, 0.0)
-        var = feats.square().sum(dim=1, keepdim=True) / (count - 1)
-        feats.mul_(var.add_(NORM_EPS).rsqrt_()).masked_fill_(pad, self.padding_value)
-
+    # --- torch ops (GPU, or CPU without numba) ------------------------------------------------
     def _clip_groups(self, frames: list[int], device: torch.device) -> list[tuple[int, int]]:
         """Consecutive clip ranges ``[b0, b1)`` processed together: on CPU as many clips as fit in
         one chunk of frames (padding frames count), on GPU the whole batch."""
@@ -268,6 +365,39 @@ class BatchFeatureExtractor(torch.nn.Module):
                 b0, longest = b, n
         groups.append((b0, len(frames)))
         return groups
+
+    def _log_mel_torch(self, waves: torch.Tensor, frames: list[int], feats: torch.Tensor) -> list:
+        """Groups of clips, chunk by chunk, as batched tensor ops (see _log_mel_)."""
+        weak = []
+        window = self._window_fast[1:]
+        for b0, b1 in self._clip_groups(frames, waves.device):
+            clips, width = b1 - b0, min(max(frames[b0:b1]), feats.shape[1])
+            step = max(1, self.frames_per_chunk // clips) if waves.device.type == "cpu" else width
+            for start in range(0, width, step):
+                stop = min(start + step, width)
+                x = waves[b0:b1, start * HOP_LENGTH : (stop - 1) * HOP_LENGTH + FRAME_LENGTH]  # (G, L)
+                u = torch.lerp(x[:, :-1], x[:, 1:], INV_COMPLEMENT)  # u[:, k]: sample k + 1 (INV_COMPLEMENT)
+                dc = x.unfold(1, FRAME_LENGTH, HOP_LENGTH).mean(dim=2, keepdim=True)
+                buf = waves.new_zeros(clips, stop - start, FFT_LENGTH)  # zero tail = FFT padding
+                torch.sub(u.unfold(1, FRAME_LENGTH - 1, HOP_LENGTH), dc, out=buf[..., 1:FRAME_LENGTH])
+                buf[..., 1:FRAME_LENGTH] *= window
+                mel = waves.new_empty(clips * (stop - start), self.num_mel_bins)
+                rows = self._log_mel_(buf.view(-1, FFT_LENGTH), mel, None)
+                feats[b0:b1, start:stop] = mel.view(clips, stop - start, -1)
+                if rows.numel():
+                    span = stop - start
+                    weak.append((torch.div(rows, span, rounding_mode="floor") + b0, rows % span + start))
+        return weak
+
+    def _normalise_torch_(self, feats: torch.Tensor, frames: torch.Tensor) -> None:
+        """In place on ``(B, T, mel)``: per clip and mel bin, zero mean and unit (unbiased) variance
+        over the valid frames as HF does; padding frames get ``padding_value``."""
+        pad = (torch.arange(feats.shape[1], device=feats.device) >= frames[:, None]).unsqueeze(-1)  # (B, T, 1)
+        count = frames.to(feats.dtype)[:, None, None]
+        feats.masked_fill_(pad, 0.0)
+        feats.sub_(feats.sum(dim=1, keepdim=True) / count).masked_fill_(pad, 0.0)
+        var = feats.square().sum(dim=1, keepdim=True) / (count - 1)
+        feats.mul_(var.add_(NORM_EPS).rsqrt_()).masked_fill_(pad, self.padding_value)
 
     @torch.no_grad()
     def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,27 +418,32 @@ class BatchFeatureExtractor(torch.nn.Module):
                     " ms, two fbank frames); drop such clips before feature extraction"
                 )
         device = waves.device
-        waves = waves.to(torch.float32)  # as HF, which casts its input to float32 first
+        waves = waves.to(torch.float32).contiguous()  # as HF, which casts its input to float32 first
         frames_list = [(n - FRAME_LENGTH) // HOP_LENGTH + 1 for n in lengths_list]
         frames = torch.tensor(frames_list, device=device)
         padded = -(-max(frames_list) // PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF
         kept = padded - padded % self.stride  # HF drops a remainder that does not fill a stack
-
         batch = len(frames_list)
-        feats = torch.empty(batch, kept, self.num_mel_bins, device=device)
-        weak = []
-        for b0, b1 in self._clip_groups(frames_list, device):
-            width = min(max(frames_list[b0:b1]), kept)
-            weak += [(clip + b0, index) for clip, index in self._log_mel_into(waves[b0:b1], feats[b0:b1, :width])]
+
+        # HF normalises before padding and truncating, so all frames are computed: padded >= frames.
+        feats = torch.empty(batch, padded, self.num_mel_bins, device=device)
+        kernels = _cpu_kernels() if device.type == "cpu" and self.cpu_kernels else None
+        if kernels:
+            weak = self._log_mel_cpu(waves, frames_list, feats, kernels)
+        else:
+            weak = self._log_mel_torch(waves, frames_list, feats)
         if weak:
             clip, index = (torch.cat(part) for part in zip(*weak))
             real = index < frames[clip]  # weak padding frames need no fix
-            self._redo_in_float64_(waves, feats, clip[real], index[real])
-        if device.type == "cpu":
-            for b in range(batch):
-                self._normalise_(feats[b : b + 1], frames[b : b + 1])
+            self._redo_in_float64_(waves, feats, clip[real], index[real], kernels)
+        if kernels:
+            for b, count in enumerate(frames_list):
+                kernels["normalise"](feats[b].numpy(), count, self.padding_value)
         else:
-            self._normalise_(feats, frames)
+            self._normalise_torch_(feats, frames)
+
+        if kept < padded:
+            feats = feats[:, :kept].contiguous()
         input_features = feats.view(batch, kept // self.stride, self.num_mel_bins * self.stride)
         # HF keeps the mask of frames whose index % stride == 1 (the second frame of each pair).
         index = torch.arange(kept, device=device)

@@ -17,7 +17,6 @@ Each run folder holds metrics.json and predictions/<split>.jsonl. Writes into `c
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -25,8 +24,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import UsageError
 from .evaluate import METRICS, PREDICTIONS
-
-log = logging.getLogger(__name__)
 
 MARKDOWN = "comparison.md"
 JSON = "comparison.json"

@@ -117,6 +117,10 @@ def train(cfg: DictConfig) -> dict:
 def _train(cfg: DictConfig, handler_box: list) -> dict:
     tcfg = cfg.train
     out = Path(cfg.output_dir)
+    if cfg.push.after_train and not cfg.push.repo_id:  # fail now, not after hours of training
+        from . import UsageError
+
+        raise UsageError("push.after_train=true needs push.repo_id=<user/name>")
     # A distributed launch on a machine without CUDA (`accelerate launch --multi_gpu --num_processes 2`)
     # must ask for CPU explicitly, or every process would believe it is alone.
     cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
