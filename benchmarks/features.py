@@ -8,7 +8,8 @@ and whether the attention masks agree, plus the exact command.
 Usage:
     python benchmarks/features.py --threads 1
     python benchmarks/features.py --threads 1 --clips 32 --seconds 10 --batch 16 --repeats 3
-    python benchmarks/features.py --device cuda          # ours on GPU, HF on CPU
+    python benchmarks/features.py --threads 1 --torch-ops   # our CPU path without numba
+    python benchmarks/features.py --device cuda             # ours on GPU, HF on CPU
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch and numpy's BLAS")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where our extractor runs")
+    ap.add_argument("--torch-ops", action="store_true", help="on CPU, use torch ops instead of the numba loops")
     ap.add_argument("--clips", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=10.0, help="length of every clip")
     ap.add_argument("--batch", type=int, default=16)
@@ -48,7 +50,7 @@ def main() -> None:
     from transformers import SeamlessM4TFeatureExtractor
 
     from w2vbert_asr import synth
-    from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
+    from w2vbert_asr.features import BatchFeatureExtractor, _cpu_kernels, pad_waves
 
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -57,7 +59,11 @@ def main() -> None:
     clips = make_clips(args, lang, np, soxr, synth)
 
     hf = SeamlessM4TFeatureExtractor()
-    ours = BatchFeatureExtractor.from_hf(hf).to(args.device)
+    ours = BatchFeatureExtractor.from_hf(hf, cpu_kernels=not args.torch_ops).to(args.device)
+    if args.device == "cpu":
+        path = "torch ops" if args.torch_ops or _cpu_kernels() is None else "numba loops"
+    else:
+        path = "torch ops"
     batches = [clips[i : i + args.batch] for i in range(0, len(clips), args.batch)]
 
     def run_hf():
@@ -78,31 +84,30 @@ def main() -> None:
     # costs (both extractors are single-threaded with --threads 1). Best of the repeats.
     wall = {"hf": float("inf"), "ours": float("inf")}
     cpu = dict(wall)
+    results = {}
     for _ in range(args.repeats):  # interleaved, so load changes hit both alike
         for name, fn in (("hf", run_hf), ("ours", run_ours)):
             w0, c0 = time.perf_counter(), time.thread_time()
-            result = fn()
+            results[name] = fn()
             wall[name] = min(wall[name], time.perf_counter() - w0)
             cpu[name] = min(cpu[name], time.thread_time() - c0)
-            if name == "hf":
-                ref = result
-            else:
-                got = result
 
     max_diff, masks_equal = 0.0, True
-    for r, (feats, mask) in zip(ref, got):
+    for r, (feats, mask) in zip(results["hf"], results["ours"]):
         max_diff = max(max_diff, (feats.cpu() - r["input_features"]).abs().max().item())
         masks_equal &= torch.equal(mask.cpu(), r["attention_mask"].long())
 
     n = len(clips)
     ms = {key: {name: 1000 * t / n for name, t in d.items()} for key, d in (("wall", wall), ("cpu", cpu))}
-    cmd = (f"python benchmarks/features.py --threads {args.threads} --device {args.device} --clips {args.clips}"
-           f" --seconds {args.seconds:g} --batch {args.batch} --repeats {args.repeats} --lang {lang} --seed {args.seed}")
+    cmd = (f"python benchmarks/features.py --threads {args.threads} --device {args.device}"
+           f"{' --torch-ops' if args.torch_ops else ''} --clips {args.clips} --seconds {args.seconds:g}"
+           f" --batch {args.batch} --repeats {args.repeats} --lang {lang} --seed {args.seed}")
     print(f"clips: {n} x {args.seconds:g} s espeak speech ({lang}), batch {args.batch}, "
-          f"torch threads {args.threads}, ours on {args.device}")
+          f"torch threads {args.threads}, ours on {args.device} ({path})")
     print("per clip (ms)                     wall      cpu")
     print(f"HF SeamlessM4TFeatureExtractor : {ms['wall']['hf']:8.2f} {ms['cpu']['hf']:8.2f}")
-    print(f"BatchFeatureExtractor          : {ms['wall']['ours']:8.2f} {ms['cpu']['ours']:8.2f}   (incl. pad_waves)")
+    print(f"BatchFeatureExtractor          : {ms['wall']['ours']:8.2f} {ms['cpu']['ours']:8.2f}"
+          "   (incl. pad_waves)")
     speedup = {key: v["hf"] / v["ours"] for key, v in ms.items()}
     cpu_note = "" if args.device == "cpu" else "   (cpu column: host time only, GPU work not counted)"
     print(f"speed-up                       : {speedup['wall']:7.1f}x {speedup['cpu']:7.1f}x{cpu_note}")
