@@ -1,6 +1,6 @@
 """The Whisper baseline (w2vbert_asr.baseline) through its real code path, with a tiny offline Whisper.
 
-`build_tiny_whisper` writes a Whisper checkpoint folder (model, generation config, tokenizer, feature
+`w2vbert_asr.testing.build_tiny_whisper` writes a Whisper checkpoint folder (model, generation config, tokenizer, feature
 extractor) built from config, nothing downloaded. Its decoder is scripted: every layer is a no-op,
 token embeddings are zero and the position embeddings are one-hot, so the logits depend on the decoder
 position alone. It therefore always writes `transcript` after a four-token prompt (start, language,
@@ -22,93 +22,12 @@ from w2vbert_asr import UsageError
 from w2vbert_asr.baseline import _PromptRecorder, baseline, load_whisper, transcribe_dataset, whisper_language
 from w2vbert_asr.cli import compose
 from w2vbert_asr.synth import synthesize_corpus
+from w2vbert_asr.testing import TINY_WHISPER_DETECTED_LANGUAGE, TINY_WHISPER_TRANSCRIPT, build_tiny_whisper
 
-TRANSCRIPT = "Habari, DUNIA!"       # what the scripted decoder writes ...
+TRANSCRIPT = TINY_WHISPER_TRANSCRIPT  # what the scripted decoder writes ...
 NORMALISED = "habari dunia"         # ... and what the default text normaliser makes of it
-DETECTED_LANGUAGE = "en"            # what the scripted decoder would pick if the language were detected
+DETECTED_LANGUAGE = TINY_WHISPER_DETECTED_LANGUAGE  # what it would pick if the language were detected
 PROMPT = ["<|startoftranscript|>", "<|sw|>", "<|transcribe|>", "<|notimestamps|>"]
-NUM_TIMESTAMPS = 1501               # <|0.00|> .. <|30.00|> in 20 ms steps, as in every Whisper vocabulary
-TINY_D_MODEL = 64                   # also the number of decoder positions: one one-hot vector each
-SCRIPT_LOGIT = 10.0
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def build_tiny_whisper(directory: str | Path, transcript: str = TRANSCRIPT,
-                       detected_language: str = DETECTED_LANGUAGE) -> Path:
-    """Write a tiny Whisper checkpoint folder usable as `baseline.name_or_path` (offline, ~1 MB).
-
-    Vocabulary: the 256 single-byte tokens of byte-level BPE (no merges) followed by Whisper's special
-    tokens in Whisper's order (<|endoftext|>, <|startoftranscript|>, one per language in
-    transformers' LANGUAGES order, <|translate|>, <|transcribe|>, <|startoflm|>, <|startofprev|>,
-    <|nospeech|>, <|notimestamps|>, timestamps). The decoder writes `transcript` whatever the audio.
-    """
-    from tokenizers import AddedToken
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES), "<|translate|>",
-                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
-    timestamps = [f"<|{0.02 * i:.2f}|>" for i in range(NUM_TIMESTAMPS)]
-    for token in specials + timestamps:
-        vocab[token] = len(vocab)
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
-    # Registered as special so decode(skip_special_tokens=True) drops them, as in real checkpoints.
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
-    tid = tokenizer.convert_tokens_to_ids
-    eot = tid("<|endoftext|>")
-
-    config = WhisperConfig(
-        vocab_size=len(vocab), num_mel_bins=80, d_model=TINY_D_MODEL, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=TINY_D_MODEL,
-        decoder_start_token_id=tid("<|startoftranscript|>"),
-        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, suppress_tokens=None, begin_suppress_tokens=None,
-        tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = WhisperForConditionalGeneration(config).eval()
-    text_ids = tokenizer.encode(transcript, add_special_tokens=False)
-    if len(PROMPT) + len(text_ids) + 1 > TINY_D_MODEL:
-        raise ValueError(f"transcript {transcript!r} is too long for the tiny decoder ({TINY_D_MODEL} positions)")
-    with torch.no_grad():
-        decoder = model.model.decoder
-        for layer in decoder.layers:  # zero output projections: each layer adds nothing to the residual
-            for linear in (layer.self_attn.out_proj, layer.encoder_attn.out_proj, layer.fc2):
-                linear.weight.zero_()
-                if linear.bias is not None:
-                    linear.bias.zero_()
-        decoder.embed_tokens.weight.zero_()
-        decoder.embed_positions.weight.copy_(torch.eye(TINY_D_MODEL))
-        script = torch.zeros(len(vocab), TINY_D_MODEL)  # logits at position p: script[:, p] (after layer norm)
-        script[tid(f"<|{detected_language}|>"), 0] = SCRIPT_LOGIT
-        for i, token in enumerate([*text_ids, eot]):
-            script[token, len(PROMPT) - 1 + i] = SCRIPT_LOGIT
-        model.proj_out.weight.copy_(script)
-    model.generation_config = GenerationConfig(
-        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
-        lang_to_id={f"<|{c}|>": tid(f"<|{c}|>") for c in LANGUAGES},
-        task_to_id={"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")},
-        no_timestamps_token_id=tid("<|notimestamps|>"), is_multilingual=True, max_length=TINY_D_MODEL,
-        begin_suppress_tokens=[eot])
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import PREPARED, load_prepared
+from w2vbert_asr.data import PREPARED
 from w2vbert_asr.train import train
 
 

@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 from pathlib import Path
 
@@ -76,6 +77,10 @@ def _translate(command: str, args: list[str]) -> list[str]:
             overrides.append(a)
     if inputs:
         overrides.append("transcribe.inputs=[" + ",".join(_quote(i) for i in inputs) + "]")
+    if command == "train" and not any(o.startswith("push.command=") for o in overrides):
+        # The model card shows the command that made the model (overrides only, Hydra's flags left out).
+        shown = " ".join(["w2vbert-asr", command, *(shlex.quote(a) for a in args if "=" in a and not a.startswith("-"))])
+        overrides.insert(0, "push.command=" + _quote(shown))
     if command in MODEL_ARG_COMMANDS and not any(o.startswith(("lang=", "recipe=")) for o in overrides):
         overrides.append("lang=model")  # lang only names output folders here; the model carries the rest
     return overrides

@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jiwer
-import numpy as np
 import torch
 from omegaconf import DictConfig
 

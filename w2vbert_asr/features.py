@@ -25,6 +25,8 @@ Usage:
 
 from __future__ import annotations
 
+import warnings
+
 import threading
 
 import numpy as np
@@ -70,7 +72,12 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
         raise ValueError("pad_waves got an empty list; pass at least one waveform")
     tensors = []
     for i, wave in enumerate(waves):
-        t = wave if torch.is_tensor(wave) else torch.from_numpy(np.asarray(wave, dtype=np.float32))
+        if torch.is_tensor(wave):
+            t = wave
+        else:
+            with warnings.catch_warnings():  # read-only arrays (memory-mapped datasets) are only read here
+                warnings.simplefilter("ignore", UserWarning)
+                t = torch.from_numpy(np.asarray(wave, dtype=np.float32))
         if t.dim() != 1:
             raise ValueError(f"wave {i} has shape {tuple(t.shape)}; expected a 1-D mono waveform (mix down first)")
         tensors.append(t)

@@ -121,3 +121,100 @@ def make_faulty_release(root: str | os.PathLike, lang: str = "sw", num_clips: in
 
     return {"missing_file": 1, "undecodable_audio": 1, "empty_text": 1, "path_escape": 1,
             "duration": 2, "transcript_too_long": 1}
+
+
+# --------------------------------------------------------------------------------------------- tiny Whisper
+# build_tiny_whisper: a scripted offline stand-in for a Whisper checkpoint (tests, the walkthrough notebook).
+TINY_WHISPER_TRANSCRIPT = "Habari, DUNIA!"      # what the scripted decoder writes by default
+TINY_WHISPER_DETECTED_LANGUAGE = "en"           # what it would pick if the language were detected, not forced
+TINY_WHISPER_PROMPT_LENGTH = 4                  # start, language, task, no-timestamps
+WHISPER_NUM_TIMESTAMPS = 1501                   # <|0.00|> .. <|30.00|> in 20 ms steps, as in every Whisper vocabulary
+TINY_WHISPER_D_MODEL = 64                       # also the number of decoder positions: one one-hot vector each
+TINY_WHISPER_SCRIPT_LOGIT = 10.0
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def build_tiny_whisper(directory: str | os.PathLike, transcript: str = TINY_WHISPER_TRANSCRIPT,
+                       detected_language: str = TINY_WHISPER_DETECTED_LANGUAGE) -> Path:
+    """Write a tiny Whisper checkpoint folder usable as `baseline.name_or_path` (offline, ~1 MB).
+
+    Built from config, nothing downloaded. Its decoder is scripted: every layer is a no-op, token
+    embeddings are zero and the position embeddings are one-hot, so the logits depend on the decoder
+    position alone. It therefore always writes `transcript` after the four-token prompt (start,
+    language, task, no-timestamps), whatever the audio, and, if asked to detect the language instead,
+    picks `detected_language`: a run that did not force the language shows a different prompt.
+
+    Vocabulary: the 256 single-byte tokens of byte-level BPE (no merges) followed by Whisper's special
+    tokens in Whisper's order (<|endoftext|>, <|startoftranscript|>, one per language in
+    transformers' LANGUAGES order, <|translate|>, <|transcribe|>, <|startoflm|>, <|startofprev|>,
+    <|nospeech|>, <|notimestamps|>, timestamps).
+    """
+    import torch
+    from tokenizers import AddedToken
+    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
+                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES), "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    timestamps = [f"<|{0.02 * i:.2f}|>" for i in range(WHISPER_NUM_TIMESTAMPS)]
+    for token in specials + timestamps:
+        vocab[token] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
+    # Registered as special so decode(skip_special_tokens=True) drops them, as in real checkpoints.
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
+    tid = tokenizer.convert_tokens_to_ids
+    eot = tid("<|endoftext|>")
+
+    config = WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, d_model=TINY_WHISPER_D_MODEL, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=1500, max_target_positions=TINY_WHISPER_D_MODEL,
+        decoder_start_token_id=tid("<|startoftranscript|>"),
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, suppress_tokens=None, begin_suppress_tokens=None,
+        tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = WhisperForConditionalGeneration(config).eval()
+    text_ids = tokenizer.encode(transcript, add_special_tokens=False)
+    if TINY_WHISPER_PROMPT_LENGTH + len(text_ids) + 1 > TINY_WHISPER_D_MODEL:
+        raise ValueError(f"transcript {transcript!r} is too long for the tiny decoder "
+                         f"({TINY_WHISPER_D_MODEL} positions); use a shorter one")
+    with torch.no_grad():
+        decoder = model.model.decoder
+        for layer in decoder.layers:  # zero output projections: each layer adds nothing to the residual
+            for linear in (layer.self_attn.out_proj, layer.encoder_attn.out_proj, layer.fc2):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+        decoder.embed_tokens.weight.zero_()
+        decoder.embed_positions.weight.copy_(torch.eye(TINY_WHISPER_D_MODEL))
+        script = torch.zeros(len(vocab), TINY_WHISPER_D_MODEL)  # logits at position p: script[:, p] (after layer norm)
+        script[tid(f"<|{detected_language}|>"), 0] = TINY_WHISPER_SCRIPT_LOGIT
+        for i, token in enumerate([*text_ids, eot]):
+            script[token, TINY_WHISPER_PROMPT_LENGTH - 1 + i] = TINY_WHISPER_SCRIPT_LOGIT
+        model.proj_out.weight.copy_(script)
+    model.generation_config = GenerationConfig(
+        decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
+        lang_to_id={f"<|{c}|>": tid(f"<|{c}|>") for c in LANGUAGES},
+        task_to_id={"transcribe": tid("<|transcribe|>"), "translate": tid("<|translate|>")},
+        no_timestamps_token_id=tid("<|notimestamps|>"), is_multilingual=True, max_length=TINY_WHISPER_D_MODEL,
+        begin_suppress_tokens=[eot])
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(directory)
+    return directory

@@ -18,9 +18,7 @@ import json
 import logging
 import math
 import os
-import shlex
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +50,7 @@ class TrainerState:
     epoch: int = 0
     sampler: dict = field(default_factory=dict)
     best_wer: float = math.inf
+    best_cer: float = math.inf        # breaks WER ties (early on WER sits at 100 % while CER falls)
     best_step: int = -1
     nonfinite_losses: int = 0         # micro-batches skipped because the loss was NaN/inf
     nonfinite_grads: int = 0          # optimizer steps skipped because the gradient norm was NaN/inf
@@ -135,8 +134,6 @@ def _train(cfg: DictConfig, handler_box: list) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         handler_box.append(_setup_logging(out / "train.log"))
         prepare(cfg)
-        if not cfg.push.get("command"):  # the model card shows how this model was made
-            cfg.push.command = " ".join(shlex.quote(a) if " " in a else a for a in sys.argv)
         (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
@@ -279,8 +276,8 @@ def _evaluate_and_checkpoint(cfg, accelerator, model, eval_ds, featurizer, decod
     log.info("step %d %s", state.step, json.dumps({"eval/wer": metrics["wer"], "eval/cer": metrics["cer"]}))
     print(f"\nstep {state.step}: eval WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
           f"e.g. ref={rows[0]['reference']!r} hyp={rows[0]['hypothesis']!r}")
-    if metrics["wer"] < state.best_wer:
-        state.best_wer, state.best_step = metrics["wer"], state.step
+    if (metrics["wer"], metrics["cer"]) < (state.best_wer, state.best_cer):
+        state.best_wer, state.best_cer, state.best_step = metrics["wer"], metrics["cer"], state.step
     state.sampler = sampler.state_dict()
     save_checkpoint(accelerator, state, ckpt_root, cfg.train.save_total_limit)
     if accelerator.is_main_process:
