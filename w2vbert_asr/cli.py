@@ -83,6 +83,10 @@ def _translate(command: str, args: list[str]) -> list[str]:
         overrides.insert(0, "push.command=" + _quote(shown))
     if command in MODEL_ARG_COMMANDS and not any(o.startswith(("lang=", "recipe=")) for o in overrides):
         overrides.append("lang=model")  # lang only names output folders here; the model carries the rest
+        model_dir = Path(next((a[len("model="):] for a in args if a.startswith("model=")), ""))
+        if model_dir.name and model_dir.is_dir() and not any(o.startswith("output_dir=") for o in overrides):
+            # Outputs (transcripts, lm, push staging) go next to the run that made the model.
+            overrides.append("output_dir=" + _quote(str(model_dir.resolve().parent)))
     return overrides
 
 
