@@ -52,7 +52,7 @@ PROMPT_TOKENS = ("<|startoftranscript|>", "<|language|>", TASK_TOKENS[TASK], NO_
 
 # --------------------------------------------------------------------------------------------- language
 def whisper_language(code: str, available: Iterable[str] | None = None) -> str:
-    """Our language code -> Whisper's language code, e.g. 'sv-SE' -> 'sv', 'zh-CN' -> 'zh', 'swahili' -> 'sw'.
+    """Our language code -> Whisper's language code, e.g. 'sv-SE' -> 'sv', 'zh-CN' -> 'zh', 'french' -> 'fr'.
 
     Tries the whole code, then its primary subtag (Common Voice writes region-tagged codes such as
     'sv-SE'); Whisper's language names ('swedish') are accepted too. `available`: the codes the
