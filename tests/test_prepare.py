@@ -166,3 +166,14 @@ def test_manifest_row_escaping_root_is_refused(tmp_path, sw_corpus):
                    *(f"data.files.{s}={p}" for s, p in files.items())])
     report = prepare(cfg)
     assert report["splits"]["train"]["skipped"] == {"path_escape": 1}
+
+
+def test_train_merges_several_source_splits(tmp_path, sw_corpus):
+    """The blog recipe trains on train + dev: both TSVs end up in one prepared train split."""
+    report = prepare(_cfg(tmp_path, sw_corpus, "lang=sw", "data.train_splits=[train,dev]", "data.eval_split=test"))
+    rows = sum(1 for s in ("train", "dev") for _ in open(sw_corpus / f"{s}.tsv")) - 2
+    assert report["splits"]["train"]["rows"] == rows
+    assert set(report["splits"]) == {"train", "test"}
+    train = load_prepared(tmp_path, "train")
+    assert len(train) == report["splits"]["train"]["kept"] == rows
+    assert not list((tmp_path / "prepared").glob("*.tmp"))
