@@ -307,22 +307,29 @@ def tiny_model_dir(tmp_path_factory):
     return d / "model"
 
 
-@pytest.fixture(scope="module")
-def speech_clip(tmp_path_factory):
-    """~20 s of espeak sentences with known pauses, written as 22.05 kHz FLAC and 44.1 kHz stereo WAV."""
+def _spoken_sentences(sentences: list[str]) -> tuple[np.ndarray, list[tuple[float, float]]]:
+    """espeak sentences at 16 kHz separated by 0.8-1.7 s pauses -> (wave (N,), [(start, end) s per sentence])."""
     import soxr
 
     from w2vbert_asr.synth import speak
 
-    d = tmp_path_factory.mktemp("speech")
     parts, t, spans = [np.zeros(int(0.7 * SR), np.float32)], 0.7, []
-    for i, text in enumerate(["habari ya asubuhi rafiki yangu", "jambo sana", "asante kwa chakula kizuri"] * 2):
+    for i, text in enumerate(sentences):
         audio, rate = speak(text, "sw")
         audio = soxr.resample(audio, rate, SR)
         parts += [audio, np.zeros(int((0.8 + 0.3 * (i % 4)) * SR), np.float32)]
         spans.append((t, t + len(audio) / SR))
         t += (len(audio) + len(parts[-1])) / SR
-    wave = np.concatenate(parts)
+    return np.concatenate(parts), spans
+
+
+@pytest.fixture(scope="module")
+def speech_clip(tmp_path_factory):
+    """~20 s of espeak sentences with known pauses, written as 22.05 kHz FLAC and 44.1 kHz stereo WAV."""
+    import soxr
+
+    d = tmp_path_factory.mktemp("speech")
+    wave, spans = _spoken_sentences(["habari ya asubuhi rafiki yangu", "jambo sana", "asante kwa chakula kizuri"] * 2)
     (d / "folder").mkdir()
     sf.write(d / "talk.flac", soxr.resample(wave, SR, 22_050), 22_050)
     sf.write(d / "folder" / "stereo.wav", np.stack([soxr.resample(wave, SR, 44_100)] * 2, 1), 44_100)
@@ -391,19 +398,9 @@ def test_clear_errors(tmp_path, tiny_model_dir):
 def test_trained_demo_model_words_fall_inside_their_sentences(tmp_path):
     """With a trained model, every word starts within the (known) span of a sentence, never in a pause.
     The sentences use only the demo word list, so the demo model knows every word."""
-    import soxr
-
-    from w2vbert_asr.synth import speak
     from w2vbert_asr.transcribe import load_model
 
-    parts, t, spans = [np.zeros(int(0.7 * SR), np.float32)], 0.7, []
-    for i, text in enumerate(["habari asubuhi rafiki yangu", "mama na baba", "chakula nzuri sana"] * 2):
-        audio, rate = speak(text, "sw")
-        audio = soxr.resample(audio, rate, SR)
-        parts += [audio, np.zeros(int((0.8 + 0.3 * (i % 4)) * SR), np.float32)]
-        spans.append((t, t + len(audio) / SR))
-        t += (len(audio) + len(parts[-1])) / SR
-    wave = np.concatenate(parts)
+    wave, spans = _spoken_sentences(["habari asubuhi rafiki yangu", "mama na baba", "chakula nzuri sana"] * 2)
     # Room tone, as in the synthetic corpus: digital silence is something the demo model never heard.
     wave = wave + np.random.default_rng(0).normal(0, 3e-3, wave.size).astype(np.float32)
     model, processor = load_model(os.environ["W2VBERT_DEMO_MODEL"])
