@@ -37,16 +37,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import UsageError
+from .features import FRAME_LENGTH, HOP_LENGTH
 from .model import architecture_config
 from .text import Normalizer, Vocabulary, build_processor
 
 log = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16_000
-# Kaldi fbank as in SeamlessM4TFeatureExtractor: 25 ms windows every 10 ms, stacked in pairs (stride 2).
-FBANK_WINDOW = 400
-FBANK_HOP = 160
-FEATURE_STRIDE = 2
+FEATURE_STRIDE = 2  # SeamlessM4TFeatureExtractor stacks fbank frames in pairs: 20 ms per encoder frame
 PREPARED = "prepared"
 PROCESSOR = "processor"
 REPORT = "prepare_report.json"
@@ -100,7 +98,7 @@ def load_audio(source: str | Path | bytes, sampling_rate: int = SAMPLING_RATE) -
 
 def ctc_output_frames(num_samples: int, model_config) -> int:
     """CTC frames the model emits for a clip: fbank frames, stacked by 2, then the adapter's strides."""
-    frames = max(0, 1 + (num_samples - FBANK_WINDOW) // FBANK_HOP) // FEATURE_STRIDE
+    frames = max(0, 1 + (num_samples - FRAME_LENGTH) // HOP_LENGTH) // FEATURE_STRIDE
     if getattr(model_config, "add_adapter", False):
         k, s = model_config.adapter_kernel_size, model_config.adapter_stride
         for _ in range(model_config.num_adapter_layers):

@@ -75,7 +75,7 @@ def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Ca
     start = time.perf_counter()
     for b in mine:
         idx = padded[b]
-        waves, lengths = pad_waves([dataset[int(i)]["audio"] for i in idx])
+        waves, lengths = pad_waves(list(dataset[idx]["audio"]))  # one Arrow read per batch
         feats, mask = featurizer(waves.to(device), lengths.to(device))
         logits = model(input_features=feats, attention_mask=mask).logits
         out_lengths = _unwrap(model)._get_feat_extract_output_lengths(mask.sum(-1))
