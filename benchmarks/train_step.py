@@ -57,12 +57,11 @@ sys.path.insert(0, str(REPO))  # run from a checkout without install; also makes
 from benchmarks.batching import MAX_SECONDS, MIN_SECONDS, corpus_durations  # noqa: E402
 from w2vbert_asr.batching import DurationBatchSampler  # noqa: E402
 from w2vbert_asr.cli import compose  # noqa: E402
-from w2vbert_asr.data import ctc_output_frames  # noqa: E402
+from w2vbert_asr.features import SAMPLING_RATE, ctc_output_frames  # noqa: E402
 from w2vbert_asr.features import BatchFeatureExtractor  # noqa: E402
 from w2vbert_asr.model import architecture_config, build_model, count_parameters  # noqa: E402
 from w2vbert_asr.text import Vocabulary, build_processor  # noqa: E402
 
-SAMPLING_RATE = 16000
 GIB = 2**30
 NOISE_STD = 0.1  # random "speech": Gaussian noise well inside [-1, 1]
 CHARS_PER_SECOND = 12.0  # read speech in alphabetic scripts: ~2.5 words/s of ~5 characters incl. spaces

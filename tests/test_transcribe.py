@@ -22,13 +22,12 @@ from transformers import Wav2Vec2BertConfig
 
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import ctc_output_frames
+from w2vbert_asr.features import ctc_output_frames, samples_per_frame
 from w2vbert_asr.transcribe import (
     Transcriber,
     Word,
     find_audio,
     plan_chunks,
-    samples_per_frame,
     srt_time,
     subtitle_cues,
     to_srt,

@@ -100,12 +100,12 @@ def _ensure_prompt_config(model, tokenizer) -> list[str]:
 # --------------------------------------------------------------------------------------------- model
 def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
     """'auto' device: cuda when present. 'auto' dtype: float16 on GPU (Whisper's release precision), else float32."""
-    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
-        raise UsageError(f"baseline.device={device!r}: choose auto, cpu or cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"baseline.device={device} but no CUDA device is visible; use baseline.device=cpu or auto")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       "cpu" if device == "auto" else device)
+    from .model import pick_device
+
+    try:
+        dev = pick_device(device)
+    except UsageError as e:
+        raise UsageError(f"baseline.device: {e}") from None
     if dtype == "auto":
         return dev, torch.float16 if dev.type == "cuda" else torch.float32
     if dtype not in DTYPES:

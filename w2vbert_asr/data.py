@@ -37,14 +37,13 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from . import UsageError
-from .features import FRAME_LENGTH, HOP_LENGTH
+from .features import SAMPLING_RATE, ctc_output_frames
 from .model import architecture_config
+from .storage import atomic_write_json
 from .text import Normalizer, Vocabulary, build_processor
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16_000
-FEATURE_STRIDE = 2  # SeamlessM4TFeatureExtractor stacks fbank frames in pairs: 20 ms per encoder frame
 PREPARED = "prepared"
 PROCESSOR = "processor"
 REPORT = "prepare_report.json"
@@ -94,16 +93,6 @@ def load_audio(source: str | Path | bytes, sampling_rate: int = SAMPLING_RATE) -
     if sr != sampling_rate:
         wave = soxr.resample(wave, sr, sampling_rate, quality="HQ")
     return np.ascontiguousarray(wave, dtype=np.float32)
-
-
-def ctc_output_frames(num_samples: int, model_config) -> int:
-    """CTC frames the model emits for a clip: fbank frames, stacked by 2, then the adapter's strides."""
-    frames = max(0, 1 + (num_samples - FRAME_LENGTH) // HOP_LENGTH) // FEATURE_STRIDE
-    if getattr(model_config, "add_adapter", False):
-        k, s = model_config.adapter_kernel_size, model_config.adapter_stride
-        for _ in range(model_config.num_adapter_layers):
-            frames = (frames + 2 * (k // 2) - k) // s + 1
-    return frames
 
 
 def ctc_min_frames(text: str) -> int:
@@ -348,7 +337,7 @@ def prepare(cfg: DictConfig) -> dict:
             if report["oov"][name]["chars"]:
                 log.warning("split %s: characters outside the vocabulary (rate %.3f%%): %s", name,
                             100 * report["oov"][name]["rate"], "".join(report["oov"][name]["chars"]))
-    _write_json(out / REPORT, report)
+    atomic_write_json(out / REPORT, report)
     stamp.write_text(fingerprint)
     return report
 
@@ -382,7 +371,7 @@ def prepare_eval_split(cfg: DictConfig, split: str, normalizer: Normalizer, resu
     _print_summary({split: report.to_dict()})
     if report.kept == 0:
         raise UsageError(f"split {split!r} has no usable rows; reasons: {dict(report.skipped)}")
-    _write_json(results_dir / f"eval_{split}_report.json", report.to_dict())
+    atomic_write_json(results_dir / f"eval_{split}_report.json", report.to_dict())
     return datasets.Dataset.from_file(str(out_file)).with_format("numpy")
 
 
@@ -394,12 +383,6 @@ def load_prepared(output_dir: str | Path, split: str):
     if not path.is_file():
         raise UsageError(f"{path} not found: run `w2vbert-asr prepare` with the same output_dir first")
     return datasets.Dataset.from_file(str(path)).with_format("numpy")
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def _print_summary(splits: dict) -> None:

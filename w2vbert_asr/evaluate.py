@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +26,8 @@ from omegaconf import DictConfig
 from . import UsageError
 from .batching import DurationBatchSampler
 from .features import BatchFeatureExtractor, pad_waves
+from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
+from .storage import atomic_write_json, atomic_write_text
 from .text import Normalizer
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Ca
         waves, lengths = pad_waves(list(dataset[idx]["audio"]))  # one Arrow read per batch
         feats, mask = featurizer(waves.to(device), lengths.to(device))
         logits = model(input_features=feats, attention_mask=mask).logits
-        out_lengths = _unwrap(model)._get_feat_extract_output_lengths(mask.sum(-1))
+        out_lengths = output_lengths(lengths, _unwrap(model).config)
         if b < len(batches):
             results += list(zip(idx, decode(logits.float(), out_lengths)))
     if device.type == "cuda":
@@ -100,8 +101,7 @@ def _unwrap(model):
 
 def greedy_decoder(tokenizer) -> Callable[[torch.Tensor, torch.Tensor], list[str]]:
     def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        ids = logits.argmax(dim=-1).cpu()
-        return [tokenizer.decode(row[:n].tolist()) for row, n in zip(ids, lengths.cpu().tolist())]
+        return [tokenizer.decode(ids) for ids in ctc_greedy_ids(logits, lengths)]
 
     return decode
 
@@ -126,26 +126,20 @@ def write_results(results_dir: str | Path, split: str, metrics: dict, rows: list
     existing = json.loads(path.read_text()) if path.is_file() else {}
     existing.update(header)
     existing.setdefault("splits", {})[split] = metrics
-    _atomic_write(path, json.dumps(existing, ensure_ascii=False, indent=2))
-    _atomic_write(results_dir / PREDICTIONS / f"{split}.jsonl",
-                  "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, existing)
+    atomic_write_text(results_dir / PREDICTIONS / f"{split}.jsonl",
+                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, results_dir: str | Path,
                    lm_dir: str | Path | None = None) -> dict:
     """Score a saved model dir on prepared splits ({name: Dataset}) and write metrics.json + predictions."""
-    from transformers import Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
+    from transformers import Wav2Vec2BertProcessor
 
     model_dir = _require_model_dir(model_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     processor = Wav2Vec2BertProcessor.from_pretrained(model_dir)
-    model = Wav2Vec2BertForCTC.from_pretrained(model_dir, use_safetensors=True).to(device)
+    model = load_ctc_model(model_dir, device)
     normalizer = Normalizer.load(model_dir)
     featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device)
     decoders = {"": greedy_decoder(processor.tokenizer)}

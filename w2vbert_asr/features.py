@@ -32,10 +32,14 @@ import threading
 import numpy as np
 import torch
 
-# Frame geometry is hard-coded in SeamlessM4TFeatureExtractor._extract_fbank_features (it is not
-# saved in the processor config), so it is hard-coded here too.
+# --- frame geometry: the one home of every frame constant, the derived ones included ----------------
+# Hard-coded in SeamlessM4TFeatureExtractor._extract_fbank_features (it is not saved in the processor
+# config), so it is hard-coded here too; data, transcribe, export and the benchmarks import it from here.
+SAMPLING_RATE = 16_000  # Hz: what W2v-BERT 2.0's feature extractor expects
 FRAME_LENGTH = 400  # samples: 25 ms at 16 kHz
 HOP_LENGTH = 160  # samples: 10 ms at 16 kHz
+FEATURE_STRIDE = 2  # fbank frames stacked into one 160-dim encoder frame (the extractor's `stride`)
+SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * FEATURE_STRIDE  # 320 samples = 20 ms
 FFT_LENGTH = 512  # next power of two >= FRAME_LENGTH
 NUM_FREQ_BINS = FFT_LENGTH // 2 + 1  # 257 one-sided bins
 PREEMPHASIS = 0.97
@@ -92,6 +96,38 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
 def num_fbank_frames(lengths: torch.Tensor) -> torch.Tensor:
     """``(B,)`` sample counts -> ``(B,)`` fbank frames before stacking (Kaldi ``snip_edges``)."""
     return torch.div(lengths - FRAME_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1
+
+
+def samples_per_frame(model_config) -> int:
+    """Input samples per CTC output frame (transformers' ``inputs_to_logits_ratio``): the fbank hop (160)
+    times the stacked frames (2) times each adapter layer's stride: 640 samples = 40 ms for W2v-BERT 2.0."""
+    ratio = SAMPLES_PER_ENCODER_FRAME
+    if getattr(model_config, "add_adapter", False):
+        ratio *= int(model_config.adapter_stride) ** int(model_config.num_adapter_layers)
+    return ratio
+
+
+def ctc_output_frames(num_samples, model_config):
+    """CTC frames the model emits for a clip of ``num_samples`` samples on its own: an int, or ``(B,)``
+    int64 for a tensor of sample counts.
+
+    This is the toolkit's one rule for a clip's output length (training's CTC loss, evaluation,
+    transcription, export): every frame the clip alone produces, as `pipeline()` decodes it. A clip with
+    an odd number of fbank frames ends in a stacked frame that is half padding; the extractor marks it
+    invalid, so transformers' ``_get_feat_extract_output_lengths(mask.sum(-1))`` is one frame short
+    there, and that frame can hold the last letter.
+    """
+    tensor = torch.is_tensor(num_samples)
+    n = num_samples.long() if tensor else int(num_samples)
+    fbank = (n - FRAME_LENGTH) // HOP_LENGTH + 1
+    fbank = fbank.clamp(min=0) if tensor else max(0, fbank)
+    frames = -(-fbank // FEATURE_STRIDE)  # the extractor pads to a multiple of the stride
+    if getattr(model_config, "add_adapter", False):
+        k, s = int(model_config.adapter_kernel_size), int(model_config.adapter_stride)
+        for _ in range(int(model_config.num_adapter_layers)):
+            frames = (frames + 2 * (s // 2) - k) // s + 1  # the adapter convolutions (padding stride // 2)
+        frames = frames.clamp(min=0) if tensor else max(0, frames)
+    return frames
 
 
 # --- fused CPU loops (numba) -------------------------------------------------------------------
@@ -220,9 +256,9 @@ class BatchFeatureExtractor(torch.nn.Module):
         self,
         mel_filters: np.ndarray | torch.Tensor,
         window: np.ndarray | torch.Tensor,
-        stride: int = 2,
+        stride: int = FEATURE_STRIDE,
         padding_value: float = 0.0,
-        sampling_rate: int = 16000,
+        sampling_rate: int = SAMPLING_RATE,
         frames_per_chunk: int = CPU_FRAMES_PER_CHUNK,
         cpu_kernels: bool = True,
     ):

@@ -12,6 +12,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
 
+from . import UsageError
+from .features import ctc_output_frames
+
 log = logging.getLogger(__name__)
 
 
@@ -45,6 +48,7 @@ def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
             **_overrides(model_cfg), **ctc
         )
     configure_trainable(model, model_cfg)
+    attach_padding_hooks(model)
     if model_cfg.get("gradient_checkpointing"):
         # Recompute each layer's activations in the backward: ~30% slower, but the 600M model fits 16 GB.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -84,3 +88,81 @@ def ctc_greedy_ids(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int
     The tokenizer's decode collapses repeats and drops blanks."""
     ids = logits.argmax(dim=-1).cpu()
     return [row[:n].tolist() for row, n in zip(ids, lengths.cpu().tolist())]
+
+
+def output_lengths(sample_lengths: torch.Tensor, model_config) -> torch.Tensor:
+    """(B,) samples per clip -> (B,) CTC frames to decode / score: `features.ctc_output_frames`, the one
+    rule (every frame the clip alone yields), on the lengths' device."""
+    return ctc_output_frames(torch.as_tensor(sample_lengths), model_config)
+
+
+def pick_device(setting: str | None = "auto") -> torch.device:
+    """`auto` (CUDA when there is one, else CPU), `cpu`, `cuda` or `cuda:N`; anything else is a UsageError."""
+    setting = str(setting or "auto").strip()
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(setting)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"device {setting!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"device {setting!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {setting!r} asked for, but torch sees no CUDA device; use device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {setting!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
+
+
+# --------------------------------------------------------------------------------------------- padding
+def attach_padding_hooks(model: Wav2Vec2BertForCTC) -> Wav2Vec2BertForCTC:
+    """Zero the padded frames right before each adapter convolution, so a clip's logits do not depend on
+    what it is batched with.
+
+    Why: each adapter layer convolves (kernel 3, stride 2) the LayerNorm of the encoder output, and the
+    LayerNorm of a padded frame is not zero, so the last valid frame of a shorter clip reads padding;
+    the adapter's self-attention then spreads that frame to all others. transformers masks padding in
+    the Conformer's convolutions but not here. Frames are "padded" as the attention mask says, so a
+    clip alone (no padding at all) gives exactly what it gives in plain transformers.
+
+    Idempotent; the hooks are not saved, so saved models stay plain transformers folders (our loaders
+    call this again). Traceable: export keeps the zeroing in the graph.
+    """
+    w2v = model.wav2vec2_bert if hasattr(model, "wav2vec2_bert") else model
+    adapter = getattr(w2v, "adapter", None)
+    if adapter is None or getattr(adapter, "_w2vbert_padding_hooks", False):
+        return model
+    lengths: dict[str, torch.Tensor | None] = {"in": None}
+
+    def adapter_pre(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        # The adapter gets the encoder's frame mask; no mask means no padding (a single clip).
+        lengths["in"] = None if mask is None else mask.sum(-1)
+
+    def layer_pre(module, args, kwargs):
+        lengths["conv"] = lengths["in"]
+        # The next layer's input is this layer's output, subsampled as transformers computes it.
+        lengths["in"] = kwargs.get("sub_sampled_lengths")
+
+    def conv_pre(module, args):
+        valid = lengths.get("conv")
+        if valid is None:
+            return None
+        x = args[0]  # (B, C, T)
+        keep = torch.arange(x.shape[-1], device=x.device)[None, :] < valid.to(x.device)[:, None]
+        return (x * keep[:, None, :].to(x.dtype),)
+
+    adapter.register_forward_pre_hook(adapter_pre, with_kwargs=True)
+    for layer in adapter.layers:
+        layer.register_forward_pre_hook(layer_pre, with_kwargs=True)
+        layer.residual_conv.register_forward_pre_hook(conv_pre)
+        layer.self_attn_conv.register_forward_pre_hook(conv_pre)
+    adapter._w2vbert_padding_hooks = True
+    return model
+
+
+def load_ctc_model(model_dir, device: torch.device | str = "cpu") -> Wav2Vec2BertForCTC:
+    """A saved CTC model (safetensors only), padding hooks attached, in eval mode on `device`."""
+    model = Wav2Vec2BertForCTC.from_pretrained(str(model_dir), use_safetensors=True)
+    return attach_padding_hooks(model).to(device).eval()

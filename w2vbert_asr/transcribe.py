@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,11 +40,12 @@ import torch
 from omegaconf import DictConfig
 
 from . import UsageError
-from .features import HOP_LENGTH, MIN_SAMPLES, BatchFeatureExtractor, pad_waves
+from .features import MIN_SAMPLES, SAMPLING_RATE, BatchFeatureExtractor, pad_waves, samples_per_frame
+from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
+from .storage import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16_000
 # File extensions per libsndfile format; only formats that soundfile reports on this machine are used.
 # RAW (header-less) and MAT (Matlab data) are left out: a folder's .raw/.mat files are rarely audio.
 FORMAT_EXTENSIONS = {
@@ -96,15 +96,6 @@ class Chunk:
     keep_to: int | None
 
 
-def samples_per_frame(model_config, feature_stride: int = 2) -> int:
-    """Input samples per CTC output frame (transformers' `inputs_to_logits_ratio`): the fbank hop (160)
-    times the frames the feature extractor stacks (2) times each adapter layer's stride."""
-    ratio = HOP_LENGTH * feature_stride  # 320 samples = 20 ms per encoder frame
-    if getattr(model_config, "add_adapter", False):
-        ratio *= int(model_config.adapter_stride) ** int(model_config.num_adapter_layers)
-    return ratio
-
-
 def plan_chunks(num_samples: int, frame: int, chunk_seconds: float, overlap_seconds: float,
                 sampling_rate: int = SAMPLING_RATE) -> list[Chunk]:
     """Overlapping chunks that cover `num_samples`; starts are multiples of `frame` samples so every chunk's
@@ -135,15 +126,9 @@ def plan_chunks(num_samples: int, frame: int, chunk_seconds: float, overlap_seco
 
 
 # --------------------------------------------------------------------------------------------- model
-def pick_device(setting: str | None) -> torch.device:
-    if not setting or setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
-
-
 def load_model(model_ref: str | Path, device: str | torch.device = "cpu"):
     """-> (Wav2Vec2BertForCTC in eval mode on `device`, Wav2Vec2BertProcessor) from a local dir or Hub id."""
-    from transformers import Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
+    from transformers import Wav2Vec2BertProcessor
 
     ref = str(model_ref)
     local = Path(ref)
@@ -154,10 +139,10 @@ def load_model(model_ref: str | Path, device: str | torch.device = "cpu"):
                          "Hub id like user/name")
     try:
         processor = Wav2Vec2BertProcessor.from_pretrained(ref)
-        model = Wav2Vec2BertForCTC.from_pretrained(ref, use_safetensors=True)
+        model = load_ctc_model(ref, device)
     except OSError as e:
         raise UsageError(f"could not load model {ref!r}: {e}") from e
-    return model.to(device).eval(), processor
+    return model, processor
 
 
 @dataclass
@@ -185,7 +170,7 @@ class Transcriber:
         self.tokenizer = processor.tokenizer
         self.featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(self.device)
         self.sampling_rate = self.featurizer.sampling_rate
-        self.frame = samples_per_frame(model.config, self.featurizer.stride)
+        self.frame = samples_per_frame(model.config)
         self.chunk_seconds, self.overlap_seconds = float(chunk_seconds), float(overlap_seconds)
         self.batch_size = max(1, int(batch_size))
         self.lm_decoder, self.beam_width = lm_decoder, int(beam_width)
@@ -250,13 +235,12 @@ class Transcriber:
         batch, lens = pad_waves(waves)
         feats, mask = self.featurizer(batch.to(self.device), lens.to(self.device))
         logits = self.model(input_features=feats, attention_mask=mask).logits.float().cpu()
-        valid = self.model._get_feat_extract_output_lengths(mask.sum(-1)).cpu().tolist()
-        for n, v in zip(lengths, valid):
-            # The frame duration is derived from the config; a model whose geometry disagrees would give
-            # wrong timestamps, so refuse rather than mis-time (2 frames: edge rounding of fbank/stacking).
-            if n >= self.frame * 4 and abs(v - n / self.frame) > 2:
-                raise RuntimeError(f"model emits {v} frames for {n} samples, expected ~{n / self.frame:.1f} "
-                                   f"({self.frame} samples per frame from its config)")
+        # Padded-to-35 ms clips count their padding as signal, as the model saw it.
+        valid = output_lengths(lens, self.model.config).tolist()
+        if logits.shape[1] != max(valid):
+            # Timestamps come from the config's geometry; a model that disagrees would be mis-timed.
+            raise RuntimeError(f"model emits {logits.shape[1]} frames for {int(lens.max())} samples, expected "
+                               f"{max(valid)} ({self.frame} samples per frame from its config)")
         return [row[:v] for row, v in zip(logits, valid)]
 
     def decode(self, logits: torch.Tensor, num_samples: int) -> Transcript:
@@ -266,7 +250,7 @@ class Transcriber:
             return Transcript("", [], duration, "greedy" if self.lm_decoder is None else "beam+lm")
         fs = self.frame_seconds
         if self.lm_decoder is None:
-            ids = logits.argmax(dim=-1).tolist()
+            [ids] = ctc_greedy_ids(logits[None], torch.tensor([logits.shape[0]]))
             out = self.tokenizer.decode(ids, output_word_offsets=True)
             words = [Word(w["word"], int(w["start_offset"]) * fs, int(w["end_offset"]) * fs) for w in out.word_offsets]
             return Transcript(" ".join(w.word for w in words), words, duration, "greedy")
@@ -359,10 +343,7 @@ def write_outputs(transcript: Transcript, base: Path, formats: Iterable[str], au
             content = to_srt(transcript.words, **(srt_limits or {}))
         else:
             raise UsageError(f"transcribe.formats: unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(content, encoding="utf-8")
-        os.replace(tmp, path)
-        written.append(path)
+        written.append(atomic_write_text(path, content))
     return written
 
 
