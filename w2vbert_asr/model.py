@@ -121,10 +121,14 @@ def attach_padding_hooks(model: Wav2Vec2BertForCTC) -> Wav2Vec2BertForCTC:
     what it is batched with.
 
     Why: each adapter layer convolves (kernel 3, stride 2) the LayerNorm of the encoder output, and the
-    LayerNorm of a padded frame is not zero, so the last valid frame of a shorter clip reads padding;
-    the adapter's self-attention then spreads that frame to all others. transformers masks padding in
-    the Conformer's convolutions but not here. Frames are "padded" as the attention mask says, so a
-    clip alone (no padding at all) gives exactly what it gives in plain transformers.
+    LayerNorm of a padded frame is not zero, so the last frame of a shorter clip reads padding; the
+    adapter's self-attention then spreads that frame to all others. transformers masks padding in the
+    Conformer's convolutions but not here.
+
+    "Padded" means beyond the clip's own frames: a stacked frame that holds at least one real fbank
+    frame is the clip's own (the extractor fills padding with its padding_value, 0.0), even when it is
+    half padding and its mask bit is 0. So a clip alone (no batch padding) gives exactly what it gives
+    in plain transformers, and in a batch it gives the same again.
 
     Idempotent; the hooks are not saved, so saved models stay plain transformers folders (our loaders
     call this again). Traceable: export keeps the zeroing in the graph.
@@ -133,27 +137,33 @@ def attach_padding_hooks(model: Wav2Vec2BertForCTC) -> Wav2Vec2BertForCTC:
     adapter = getattr(w2v, "adapter", None)
     if adapter is None or getattr(adapter, "_w2vbert_padding_hooks", False):
         return model
-    lengths: dict[str, torch.Tensor | None] = {"in": None}
+    lengths: dict[str, torch.Tensor | None] = {"in": None, "conv": None}
 
-    def adapter_pre(module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        # The adapter gets the encoder's frame mask; no mask means no padding (a single clip).
-        lengths["in"] = None if mask is None else mask.sum(-1)
+    def encoder_pre(module, args, kwargs):
+        feats = args[0] if args else kwargs.get("input_features")
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if mask is None or feats is None:  # no mask: a single clip, nothing padded
+            lengths["in"] = None
+            return
+        half = feats.shape[-1] // 2  # the first fbank frame of each stacked pair
+        own = (feats[..., :half] != 0).any(-1).sum(-1)
+        lengths["in"] = torch.maximum(own, mask.sum(-1))  # a constant (all-zero) clip keeps its mask length
 
     def layer_pre(module, args, kwargs):
         lengths["conv"] = lengths["in"]
-        # The next layer's input is this layer's output, subsampled as transformers computes it.
-        lengths["in"] = kwargs.get("sub_sampled_lengths")
+        if lengths["in"] is not None:  # this layer's output frames, as its convolutions count them
+            k, s, p = module.residual_conv.kernel_size[0], module.residual_conv.stride[0], module.residual_conv.padding[0]
+            lengths["in"] = torch.div(lengths["in"] + 2 * p - k, s, rounding_mode="floor") + 1
 
     def conv_pre(module, args):
-        valid = lengths.get("conv")
+        valid = lengths["conv"]
         if valid is None:
             return None
         x = args[0]  # (B, C, T)
         keep = torch.arange(x.shape[-1], device=x.device)[None, :] < valid.to(x.device)[:, None]
         return (x * keep[:, None, :].to(x.dtype),)
 
-    adapter.register_forward_pre_hook(adapter_pre, with_kwargs=True)
+    w2v.register_forward_pre_hook(encoder_pre, with_kwargs=True)
     for layer in adapter.layers:
         layer.register_forward_pre_hook(layer_pre, with_kwargs=True)
         layer.residual_conv.register_forward_pre_hook(conv_pre)
