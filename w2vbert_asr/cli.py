@@ -13,11 +13,17 @@ Usage:
 from __future__ import annotations
 
 import importlib
+import os
+import re
 import shlex
 import sys
+import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 from . import UsageError
+from .redact import redact_arg
+from .storage import folder_lock
 
 # command -> (module, function, one-line help). Modules are imported lazily: `--help` stays instant.
 COMMANDS = {
@@ -33,6 +39,20 @@ COMMANDS = {
 }
 # For these commands `model=<dir or Hub id>` names the model to use, not the model config group.
 MODEL_ARG_COMMANDS = {"evaluate", "transcribe", "push", "lm"}
+# Hydra's flags that take a value (`--cfg job`), and `--info`'s optional one.
+HYDRA_FLAG_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+# The config key of the folder each command writes: the main process locks it for the whole command, so
+# two commands never write into one folder at once. lm and push rebuild lm.output_dir / push.staging_dir
+# whole, so the run folder around them holds their lock. compare (which may learn its folder only from
+# the runs it reads) takes none.
+LOCKED_FOLDER = {"synth": "synth.output_dir", "prepare": "output_dir", "train": "output_dir",
+                 "evaluate": "eval.results_dir", "baseline": "baseline.results_dir", "lm": "output_dir",
+                 "push": "output_dir", "transcribe": "transcribe.output_dir"}
+# What to pass when a required value (`???` in conf/) is missing.
+REQUIRED = {"lang": "lang=<language code, e.g. sw> or recipe=<name>",
+            "data.root": "data.root=<the dataset folder, e.g. a Common Voice language folder>"}
 
 
 def conf_dir() -> Path:
@@ -66,28 +86,39 @@ def usage() -> str:
 
 
 def _translate(command: str, args: list[str]) -> list[str]:
-    """Positional audio paths (transcribe) and `model=<dir>` become Hydra overrides."""
-    overrides, inputs = [], []
-    for a in args:
-        if command in MODEL_ARG_COMMANDS and a.startswith("model=") and not a.startswith("model=tiny"):
+    """Positional audio paths (transcribe) and `model=<dir>` become Hydra overrides; Hydra's flags
+    (with their values: `--cfg job`) go after all overrides, which Hydra's parser wants together."""
+    overrides, inputs, flags = [], [], []
+    for i, a in enumerate(args):
+        previous = args[i - 1] if i else ""
+        if a.startswith("-") or previous in HYDRA_FLAG_VALUES or previous in ("--info", "-i") and a in INFO_CHOICES:
+            flags.append(a)
+        elif command in MODEL_ARG_COMMANDS and a.startswith("model=") and not _is_model_option(a[len("model="):]):
             overrides.append("model_dir=" + _quote(a[len("model="):]))
-        elif command == "transcribe" and "=" not in a and not a.startswith("-"):
+        elif command == "transcribe" and "=" not in a:
             inputs.append(a)
         else:
             overrides.append(a)
     if inputs:
         overrides.append("transcribe.inputs=[" + ",".join(_quote(i) for i in inputs) + "]")
-    if command == "train" and not any(o.startswith("push.command=") for o in overrides):
-        # The model card shows the command that made the model (overrides only, Hydra's flags left out).
-        shown = " ".join(["w2vbert-asr", command, *(shlex.quote(a) for a in args if "=" in a and not a.startswith("-"))])
-        overrides.insert(0, "push.command=" + _quote(shown))
     if command in MODEL_ARG_COMMANDS and not any(o.startswith(("lang=", "recipe=")) for o in overrides):
         overrides.append("lang=model")  # lang only names output folders here; the model carries the rest
         model_dir = Path(next((a[len("model="):] for a in args if a.startswith("model=")), ""))
         if model_dir.name and model_dir.is_dir() and not any(o.startswith("output_dir=") for o in overrides):
             # Outputs (transcripts, lm, push staging) go next to the run that made the model.
             overrides.append("output_dir=" + _quote(str(model_dir.resolve().parent)))
-    return overrides
+    return overrides + flags
+
+
+def _is_model_option(value: str) -> bool:
+    """`model=<value>` picks conf/model/<value>.yaml only when that file exists and no such path does."""
+    return (conf_dir() / "model" / f"{value}.yaml").is_file() and not Path(value).exists()
+
+
+def shown_command(command: str, args: list[str]) -> str:
+    """The command line the model card shows (overrides only, Hydra's flags left out, secrets redacted)."""
+    return " ".join(["w2vbert-asr", command,
+                     *(shlex.quote(redact_arg(a)) for a in args if "=" in a and not a.startswith("-"))])
 
 
 def _quote(value: str) -> str:
@@ -104,19 +135,59 @@ def main(argv: list[str] | None = None) -> int | None:
     if command not in COMMANDS:
         print(f"w2vbert-asr: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module, func, _ = COMMANDS[command]
     import hydra
 
     def task(cfg):
-        try:
-            return getattr(importlib.import_module(f"w2vbert_asr.{module}"), func)(cfg)
-        except UsageError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+        return run(command, cfg, shown_command(command, rest))
 
     sys.argv = [f"w2vbert-asr {command}", *_translate(command, rest)]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(task)()
     return 0
+
+
+def run(command: str, cfg, shown: str):
+    """Run one command on its composed config with its folder locked; a mistake the user can fix
+    ends the process with one `error:` line (exit 2)."""
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
+
+    module, func, _ = COMMANDS[command]
+    try:
+        if command == "train" and cfg.push.command is None:
+            cfg.push.command = shown  # set here, not as an override: Hydra's messages list the overrides
+        with _lock(command, cfg):
+            return getattr(importlib.import_module(f"w2vbert_asr.{module}"), func)(cfg)
+    except UsageError as e:
+        _exit(f"error: {e}")
+    except (MissingMandatoryValue, InterpolationToMissingValueError) as e:
+        _exit(f"error: {_missing_value(e)}")
+    except Exception:
+        # Not Hydra's report: it starts with every override, and so with any secret typed on the command line.
+        traceback.print_exc()
+        sys.exit(1)
+
+
+def _lock(command: str, cfg):
+    """The lock on the folder `command` writes. Under `accelerate launch` every rank runs the command;
+    only the main one (RANK 0) locks, so the others neither wait nor fail."""
+    from omegaconf import OmegaConf
+
+    key = LOCKED_FOLDER.get(command)
+    main_process = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    folder = OmegaConf.select(cfg, key, throw_on_missing=True) if key and main_process else None
+    return folder_lock(folder, key, f"w2vbert-asr {command}") if folder else nullcontext()
+
+
+def _missing_value(e) -> str:
+    """`data.root is not set: pass data.root=<...>` for an omegaconf missing-value error."""
+    found = re.search(r"Missing mandatory value: ?([\w.-]+)", str(e))
+    key = found.group(1) if found else str(e.full_key)
+    needed_by = f" ({e.full_key} needs it)" if e.full_key and e.full_key != key else ""
+    return f"{key} is not set{needed_by}: pass {REQUIRED.get(key, f'{key}=<value>')}"
+
+
+def _exit(message: str, code: int = 2):
+    print(message, file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -4,24 +4,32 @@ Every file the toolkit writes for later reading goes through `atomic_write_text`
 (a temporary sibling renamed into place: a kill leaves the old file or the new one, never a mix).
 `disk_full_guard` turns the many shapes a full disk takes (`OSError: [Errno 28]`, torch's
 `RuntimeError ... unexpected pos`, `basic_ios::clear`) into one `error:` line with the free space,
-the folder and what to do, after removing our temporary files.
+the folder and what to do, after removing our temporary files. `folder_lock` keeps two commands from
+writing into one folder at once.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from . import UsageError
 
+log = logging.getLogger(__name__)
+
 # Below this many free bytes a failed write is taken as a full disk even when the library that
 # failed (torch's zip writer, safetensors) did not report ENOSPC.
 NEARLY_FULL_BYTES = 64 * 2**20
+LOCK_FILE = ".lock"  # inside the locked folder: who holds it (pid, host, start time, command) as JSON
 
 
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
@@ -100,3 +108,104 @@ def disk_full_guard(folder: str | Path, cleanup: Iterable[str | Path] = (), advi
             raise UsageError(f"disk full while writing {folder} ({free} free); temporary files removed. "
                              f"Free some space or choose another folder{'; ' + advice if advice else ''}") from e
         raise
+
+
+# --------------------------------------------------------------------------------------------- folder lock
+@contextmanager
+def folder_lock(folder: str | Path, setting: str = "output_dir", command: str = "") -> Iterator[Path | None]:
+    """Hold an exclusive `flock` on `<folder>/.lock` while the block runs; the file names the holder
+    (pid, host, start time, command) and is removed afterwards, with `folder` itself if this call made it
+    and it stayed empty.
+
+    A second holder fails at once with one UsageError naming the holder and `setting` (the config key
+    to change). The kernel drops the lock when its process dies, so a killed run never blocks the next
+    one; when the recorded holder is dead but a process it forked still holds the lock, the lock file
+    is replaced. -> the lock file (None where the file system cannot lock: then nothing is guarded)."""
+    folder = Path(folder)
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
+    try:
+        fd = _acquire(folder / LOCK_FILE, folder, setting)
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP):
+            log.warning("cannot lock %s (%s); make sure no other command writes into it", folder, e.strerror)
+            yield None
+            return
+        raise UsageError(f"cannot write into {folder} ({e.strerror}); choose another {setting}") from e
+    try:
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+                                 "command": command}).encode())
+        yield folder / LOCK_FILE
+    finally:
+        # Removed while still held: a process that opened it meanwhile sees it is gone and locks afresh.
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        for path in made:
+            try:
+                path.rmdir()
+            except OSError:  # not empty: the command wrote something
+                break
+        os.close(fd)
+
+
+def _acquire(path: Path, folder: Path, setting: str) -> int:
+    """-> an open descriptor of `path`, emptied, holding the exclusive lock; or UsageError naming the holder."""
+    taken_over = False
+    for _ in range(10):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            current = _is_current(path, fd)
+            os.close(fd)
+            if not taken_over and holder and current and not _alive(holder):
+                # The recorded holder died; a child it forked (a data loader worker) still holds the
+                # file. A new file is a new lock; the orphan keeps only the old, unlinked one.
+                log.warning("taking over the lock on %s from pid %s, which is no longer running", folder,
+                            holder["pid"])
+                path.unlink(missing_ok=True)
+                taken_over = True
+                continue
+            raise UsageError(f"{folder} is in use by {_describe(holder)}; wait, or choose another {setting}")
+        if _is_current(path, fd):
+            os.ftruncate(fd, 0)  # what a killed holder left
+            return fd
+        os.close(fd)  # its holder removed it as we opened it: lock the file now at `path`
+    raise UsageError(f"{folder} is in use (its lock changed hands 10 times); wait, or choose another {setting}")
+
+
+def _is_current(path: Path, fd: int) -> bool:
+    try:
+        return os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _lock_holder(fd: int) -> dict:
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:  # the holder is writing it right now
+        return {}
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else {}
+
+
+def _alive(holder: dict) -> bool:
+    """False only when the holder ran on this host and its pid is gone (another host: assume alive)."""
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    started = time.localtime(float(holder.get("started", 0)))
+    fmt = "%H:%M" if started[:3] == time.localtime()[:3] else "%Y-%m-%d %H:%M"
+    host = "" if holder.get("host") == socket.gethostname() else f" on {holder.get('host')}"
+    return f"pid {holder['pid']}{host} (started {time.strftime(fmt, started)})"
