@@ -167,7 +167,7 @@ def test_token_in_a_model_file_stops_the_push(tmp_path, model_dir, recorder):
     leaky = tmp_path / "leaky" / "model"
     shutil.copytree(model_dir, leaky)
     (leaky / "notes.json").write_text(json.dumps({"token": FAKE_TOKEN}))
-    with pytest.raises(UsageError, match="contains your Hugging Face token") as err:
+    with pytest.raises(UsageError, match="token would be published: .*leaky/model/notes.json contains it") as err:
         hub.push(push_cfg(leaky, tmp_path, "push.repo_id=me/x"))
     assert FAKE_TOKEN not in str(err.value)
     assert recorder.calls == [] and not (tmp_path / "staging").exists()
@@ -187,3 +187,57 @@ def test_clear_errors(model_dir, tmp_path, recorder):
                           "push.dry_run=true"]))
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
     assert recorder.calls == []
+
+
+def _run_with_config(tmp_path, model_dir, config_text: str):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run / "model")
+    (run / "config.yaml").write_text(config_text)
+    return run / "model"
+
+
+def test_secrets_typed_on_the_train_command_line_reach_no_file(model_dir, tmp_path, recorder):
+    """`+push.hub_token=…` and a token-shaped value: not in config.yaml, not in the card's command or config."""
+    from w2vbert_asr.cli import shown_command
+    from w2vbert_asr.redact import config_yaml
+
+    args = ["recipe=demo", "+push.hub_token=hf_abc", f"push.commit_message={FAKE_TOKEN}", "train.learning_rate=1e-3"]
+    cfg = compose(args)
+    cfg.push.command = shown_command("train", args)
+    assert "hf_abc" not in cfg.push.command and "train.learning_rate=1e-3" in cfg.push.command
+    written = config_yaml(cfg)
+    assert "hf_abc" not in written and FAKE_TOKEN not in written and "hub_token: <redacted>" in written
+    # A run folder written before redaction (the command and the key in plain text) still gives a clean card.
+    from omegaconf import OmegaConf
+
+    cfg.push.command = "w2vbert-asr train " + " ".join(args)
+    for text in (written, OmegaConf.to_yaml(cfg, resolve=True)):
+        card = hub.build_card(_run_with_config(tmp_path / str(len(text)), model_dir, text), "me/x",
+                              compose(["recipe=demo"]).push).content
+        assert "hf_abc" not in card and FAKE_TOKEN not in card
+        assert "'+push.hub_token=<redacted>'" in card and "train.learning_rate=1e-3" in card
+
+
+def test_token_in_what_the_card_quotes_names_its_source(model_dir, tmp_path, recorder, monkeypatch):
+    token = "private-0123456789"  # not shaped like a Hub token, under a key that does not look secret
+    monkeypatch.setenv("HF_TOKEN", token)
+    model = _run_with_config(tmp_path, model_dir,
+                             f"lang: sw\npush:\n  command: w2vbert-asr train push.commit_message={token}\n")
+    with pytest.raises(UsageError, match=r"card would quote it from .*run/config.yaml \(push.command\)") as err:
+        hub.push(push_cfg(model, tmp_path, "push.dry_run=true"))
+    assert token not in str(err.value) and not (tmp_path / "staging").exists()
+
+
+def test_no_token_says_where_tokens_come_from(model_dir, tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalTokenNotFoundError
+
+    class NoToken(RecordingHfApi):
+        def create_repo(self, repo_id, **kwargs):
+            raise LocalTokenNotFoundError("no token")
+
+    monkeypatch.setattr(hub, "HfApi", NoToken)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(UsageError, match=r"set HF_TOKEN, then push again \(push.hub_token is not read"):
+        hub.push(push_cfg(model_dir, tmp_path, "push.repo_id=me/x", "+push.hub_token=hf_abc"))
