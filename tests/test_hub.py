@@ -241,3 +241,12 @@ def test_no_token_says_where_tokens_come_from(model_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(UsageError, match=r"set HF_TOKEN, then push again \(push.hub_token is not read"):
         hub.push(push_cfg(model_dir, tmp_path, "push.repo_id=me/x", "+push.hub_token=hf_abc"))
+
+
+@pytest.mark.parametrize("key, secret", [("+push.hub_token", True), ("+HF_TOKEN", True), ("wandb.api_key", True),
+                                         ("db-password", True), ("baseline.max_new_tokens", False),
+                                         ("model.tokenizer", False), ("push.command", False)])
+def test_which_keys_are_secret(key, secret):
+    from w2vbert_asr.redact import is_secret_key
+
+    assert is_secret_key(key) is secret

@@ -1,7 +1,7 @@
 """Secrets kept out of everything the toolkit writes: config.yaml, the model card and its training command.
 
 A value is secret when the last part of its key names a token, key, secret or password
-(`+push.hub_token=…`, `+HF_TOKEN=…`, `wandb.api_key`, but not `max_new_tokens`), or when it looks like a
+(`+push.hub_token=…`, `+HF_TOKEN=…`, `wandb.api_key`; not `max_new_tokens`), or when it looks like a
 Hugging Face token (`hf_` and 30+ letters or digits) whatever its key. Secret values become `<redacted>`.
 """
 
@@ -11,8 +11,8 @@ import re
 import shlex
 
 REDACTED = "<redacted>"
-SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|credentials?|((api|access|secret|private|auth)[_-]?)?key)$",
-                        re.IGNORECASE)
+# The last part of a key, whole or after `_`/`-`: hub_token, HF_TOKEN, api_key, apikey, db-password.
+SECRET_KEY = re.compile(r"(^|[_-])(token|secret|password|passwd|credentials?|apikey|key)$", re.IGNORECASE)
 HF_TOKEN_SHAPE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")
 
 
