@@ -78,11 +78,12 @@ def test_user_errors_are_one_clear_line(tmp_path):
     (["prepare", "recipe=mn"], "error: data.root is not set: pass data.root=<the dataset folder"),
     (["prepare", "data.root=x"], "error: lang is not set (output_dir needs it): pass lang=<language code"),
 ])
-def test_a_missing_value_is_one_error_line(args, expected):
-    proc = _cli(*args)
+def test_a_missing_value_is_one_error_line(args, expected, tmp_path):
+    proc = _cli(*args, cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr
+    assert not list(tmp_path.rglob(".lock"))  # the lock on outputs/<lang> is gone with the command
 
 
 def test_model_path_is_not_the_model_config_group(tmp_path):

@@ -8,6 +8,9 @@ Usage:
     w2vbert-asr train recipe=mn data.root=/data/cv-corpus-21.0/mn --cfg job     # print the composed config
     w2vbert-asr evaluate recipe=demo
     w2vbert-asr transcribe model=demo_out/model clip.mp3 recordings/
+
+A command that writes holds a lock on its folder (LOCKED_FOLDER) for its whole run, so a second command
+on the same folder stops at once; a missing required value or any UsageError is one `error:` line (exit 2).
 """
 
 from __future__ import annotations
