@@ -15,15 +15,14 @@ SECRET = "hf_abc"  # what a user might type as +push.hub_token=...
 # The CLI with `train` replaced: it prints what the model card would show as the training command, or fails
 # the way a bug would.
 STAND_IN_CLI = """
-import sys
-import w2vbert_asr.train
+import sys, types
 
 def train(cfg):
     if cfg.train.learning_rate == 13:
         raise RuntimeError("a bug")
     print("COMMAND:", cfg.push.command)
 
-w2vbert_asr.train.train = train
+sys.modules["w2vbert_asr.train"] = types.SimpleNamespace(train=train)  # (the real module takes seconds to import)
 from w2vbert_asr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -105,7 +104,7 @@ def test_model_path_is_not_the_model_config_group(tmp_path):
 def test_secrets_never_reach_the_training_command(tmp_path):
     args = ["train", "recipe=demo", f"+push.hub_token={SECRET}", "+HF_TOKEN=hf_" + "x" * 34,
             f"push.commit_message=hf_{'y' * 34}", "train.learning_rate=1e-3"]
-    proc = _cli(*args, script=STAND_IN_CLI)
+    proc = _cli(*args, script=STAND_IN_CLI, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     command = next(line for line in proc.stdout.splitlines() if line.startswith("COMMAND:"))
     assert command == ("COMMAND: w2vbert-asr train recipe=demo '+push.hub_token=<redacted>' '+HF_TOKEN=<redacted>' "
@@ -115,7 +114,8 @@ def test_secrets_never_reach_the_training_command(tmp_path):
 
 def test_failure_report_lists_no_overrides(tmp_path):
     """Hydra's own report starts with every override: the internal push.command, and any secret typed."""
-    proc = _cli("train", "recipe=demo", f"+push.hub_token={SECRET}", "train.learning_rate=13", script=STAND_IN_CLI)
+    proc = _cli("train", "recipe=demo", f"+push.hub_token={SECRET}", "train.learning_rate=13", script=STAND_IN_CLI,
+                cwd=tmp_path)
     assert proc.returncode == 1
     assert "RuntimeError: a bug" in proc.stderr and "Traceback" in proc.stderr  # a bug still shows where it is
     assert "push.command" not in proc.stderr and SECRET not in proc.stderr and "overrides" not in proc.stderr
