@@ -1,4 +1,5 @@
-"""`w2vbert-asr compare` (w2vbert_asr.report) on hand-written result folders with known numbers."""
+"""`w2vbert-asr compare` (w2vbert_asr.report) on hand-written result folders with known numbers, and the
+bootstrap intervals and paired verdicts on constructed cases whose answer is known."""
 
 from __future__ import annotations
 
@@ -7,19 +8,23 @@ from pathlib import Path
 
 import pytest
 
-from w2vbert_asr import UsageError
+from w2vbert_asr import UsageError, hub
 from w2vbert_asr.cli import compose
+from w2vbert_asr.evaluate import error_rates
 from w2vbert_asr.report import compare
+from w2vbert_asr.significance import BETTER, SAME, WORSE
 
 REFS = {"u1": "a b c d", "u2": "e f", "u3": "g h i j"}   # 10 reference words in all
 OURS = {"u1": ("a b c d", 0.0, 0.0), "u2": ("e x", 0.5, 1 / 3), "u3": ("g h i j", 0.0, 0.0)}      # 1 error: 10 %
 WHISPER = {"u1": ("a b c d", 0.0, 0.0), "u2": ("e f", 0.0, 0.0), "u3": ("x y z j", 0.75, 3 / 7)}  # 3 errors: 30 %
 
 
-def write_run(folder: Path, header: dict, hyps: dict, wer: float, cer: float, rtfx: float, refs=REFS) -> Path:
+def write_run(folder: Path, header: dict, hyps: dict, wer: float, cer: float, rtfx: float, refs=REFS,
+              speakers: dict | None = None) -> Path:
     """A result folder in the format evaluate/baseline write (metrics.json + predictions/test.jsonl)."""
     (folder / "predictions").mkdir(parents=True)
-    rows = [{"id": i, "reference": refs[i], "hypothesis": h, "wer": w, "cer": c, "duration": 2.0}
+    rows = [{"id": i, "reference": refs[i], "hypothesis": h, "wer": w, "cer": c, "duration": 2.0,
+             **({"speaker": speakers[i]} if speakers else {})}
             for i, (h, w, c) in hyps.items()]
     hours = 2.0 * len(rows) / 3600
     metrics = {**header, "splits": {"test": {"wer": wer, "cer": cer, "utterances": len(rows), "audio_hours": hours,
@@ -52,15 +57,21 @@ def test_table_json_and_png(two_runs):
     tmp, ours, whisper = two_runs
     report = run_compare([ours, whisper], tmp / "cmp")
     md = (tmp / "cmp" / "comparison.md").read_text()
-    assert ("| w2v-bert-2.0-ctc | outputs/sw/model | 10.00 | 5.00 | 3 | 0.002 | 605.0 M | 250.0 | "
-            "NVIDIA H100 80GB HBM3, batches <= 400 s, <= 32 clips |") in md
-    assert ("| whisper | openai/whisper-large-v3 | 30.00 | 12.00 | 3 | 0.002 | 1.54 B | 20.0 | "
-            "NVIDIA H100 80GB HBM3, batch 8 |") in md
+    # Intervals from 3 utterances: the resamples can drop every error (0 %) or draw the worst one 3 times.
+    assert ("| w2v-bert-2.0-ctc | outputs/sw/model | 10.00 [0.00, 50.00] | 5.00 [0.00, 33.33] | 3 | 0.002 | "
+            "605.0 M | 250.0 | NVIDIA H100 80GB HBM3, batches <= 400 s, <= 32 clips |") in md
+    assert ("| whisper | openai/whisper-large-v3 | 30.00 [0.00, 75.00] | 12.00 [0.00, 42.86] | 3 | 0.002 | "
+            "1.54 B | 20.0 | NVIDIA H100 80GB HBM3, batch 8 |") in md
+    assert "1000 resamples of the 3 utterances, seed 0" in md
+    assert "| w2v-bert-2.0-ctc | whisper | -20.00 [-75.00, 50.00] | not distinguishable |" in md
     assert "Warning" not in md
     saved = json.loads((tmp / "cmp" / "comparison.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert [r["wer"] for r in saved["runs"]] == [0.1, 0.3]
     assert [r["rtfx"] for r in saved["runs"]] == [250.0, 20.0]
+    assert saved["runs"][0]["wer_interval"] == [0.0, 0.5] and saved["runs"][0]["resampling"] == {
+        "unit": "utterance", "blocks": 3}
+    assert [(p["a"], p["b"]) for p in saved["pairs"]] == [("w2v-bert-2.0-ctc", "whisper")]
     assert saved["common_utterances"] == 3 and saved["warnings"] == []
     png = tmp / "cmp" / "comparison.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000
@@ -121,6 +132,121 @@ def test_bad_inputs_are_usage_errors(two_runs):
         run_compare([ours, tmp / "nowhere"], tmp / "cmp")
     with pytest.raises(UsageError, match=r"no split 'dev' \(it has \['test'\]\)"):
         compare(compose([f"compare.runs=[{ours},{whisper}]", "compare.split=dev", f"compare.output_dir={tmp}"]))
+    with pytest.raises(UsageError, match=r"compare.confidence=1.5"):
+        run_compare([ours, whisper], tmp / "cmp", "compare.confidence=1.5")
     (whisper / "predictions" / "test.jsonl").write_text('{"id": "u1"}\nnot json\n')
     with pytest.raises(UsageError, match=r"test\.jsonl:2"):
         run_compare([ours, whisper], tmp / "cmp")
+
+
+# --------------------------------------------------------------------------------------------- significance
+SENTENCE = "one two three four five"  # 5 reference words per utterance
+
+
+def constructed(folder: Path, errors: dict[int, int], n: int = 60, speakers: int = 0) -> Path:
+    """A run on n 5-word utterances; errors: utterance index -> words substituted. speakers: that many
+    speakers own consecutive equal shares of the utterances (0: rows name no speaker)."""
+    ids = [f"utt{i:03d}" for i in range(n)]
+    words = SENTENCE.split()
+    hyps = {u: (" ".join(["x"] * errors.get(i, 0) + words[errors.get(i, 0):]), errors.get(i, 0) / 5, 0.0)
+            for i, u in enumerate(ids)}
+    spk = {u: f"spk{i * speakers // n}" for i, u in enumerate(ids)} if speakers else None
+    rates = error_rates([SENTENCE] * n, [h for h, _, _ in hyps.values()])
+    return write_run(folder, {**OURS_HEADER, "system": folder.name}, hyps, rates["wer"], rates["cer"], 10.0,
+                     refs=dict.fromkeys(ids, SENTENCE), speakers=spk)
+
+
+def pair(report: dict, metric: str = "wer") -> dict:
+    (p,) = report["pairs"]
+    return p[metric]
+
+
+def test_clear_difference_is_significant(tmp_path):
+    """2 errors against 40 in 300 words: every interval of A minus B lies below 0, both ways round."""
+    good = constructed(tmp_path / "good", {0: 1, 1: 1})
+    bad = constructed(tmp_path / "bad", dict.fromkeys(range(40), 1))
+    report = run_compare([good, bad], tmp_path / "cmp")
+    d = pair(report)
+    assert d["difference"] == pytest.approx(2 / 300 - 40 / 300)
+    assert d["interval"][1] < 0 and d["verdict"] == BETTER and d["probability_of_improvement"] == 1.0
+    assert pair(report, "cer")["verdict"] == BETTER
+    assert pair(run_compare([bad, good], tmp_path / "cmp2"))["verdict"] == WORSE
+    low, high = report["runs"][1]["wer_interval"]
+    assert low < 40 / 300 < high and high - low < 0.15
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| good | bad | -12.67 [" in md and "| **better** |" in md
+
+
+def test_small_difference_is_not_distinguishable(tmp_path):
+    """10 errors against 11, on different utterances: the interval straddles 0, whatever the seed."""
+    a = constructed(tmp_path / "a", dict.fromkeys(range(10), 1))
+    b = constructed(tmp_path / "b", dict.fromkeys(range(10, 21), 1))
+    for seed in (0, 1, 2):
+        d = pair(run_compare([a, b], tmp_path / f"cmp{seed}", f"compare.seed={seed}"))
+        assert d["difference"] == pytest.approx(-1 / 300)
+        assert d["interval"][0] < 0 < d["interval"][1] and d["verdict"] == SAME
+    md = (tmp_path / "cmp0" / "comparison.md").read_text()
+    assert "| a | b | -0.33 [" in md and "| not distinguishable |" in md
+
+
+def test_speaker_blocks_when_rows_name_speakers(tmp_path):
+    """All of B's extra errors come from one of 10 speakers. Drawing utterances, a resample almost never
+    misses all 6 of them (B looks worse); drawing speakers, a third of the resamples leave that speaker out,
+    so the difference is not established. min_speakers decides which applies."""
+    a = constructed(tmp_path / "a", {}, speakers=10)
+    b = constructed(tmp_path / "b", dict.fromkeys(range(6), 3), speakers=10)
+    by_speaker = run_compare([a, b], tmp_path / "spk")
+    assert by_speaker["paired_resampling"] == {"unit": "speaker", "blocks": 10, "utterances": 60}
+    assert by_speaker["runs"][1]["resampling"] == {"unit": "speaker", "blocks": 10}
+    assert pair(by_speaker)["verdict"] == SAME and pair(by_speaker)["interval"][1] == 0.0
+    by_utterance = run_compare([a, b], tmp_path / "utt", "compare.min_speakers=11")
+    assert by_utterance["paired_resampling"]["unit"] == "utterance"
+    assert pair(by_utterance)["verdict"] == BETTER
+    spk_low, spk_high = by_speaker["runs"][1]["wer_interval"]
+    utt_low, utt_high = by_utterance["runs"][1]["wer_interval"]
+    assert spk_high - spk_low > utt_high - utt_low  # correlated errors: honest intervals are wider
+    assert "1000 resamples of the 10 speakers, seed 0" in (tmp_path / "spk" / "comparison.md").read_text()
+    no_ids = constructed(tmp_path / "c", {})  # rows without speakers: every utterance is its own block
+    assert run_compare([no_ids, b], tmp_path / "mixed")["paired_resampling"]["unit"] == "speaker"
+
+
+def test_intervals_are_seeded(tmp_path):
+    a = constructed(tmp_path / "a", dict.fromkeys(range(10), 1))
+    b = constructed(tmp_path / "b", dict.fromkeys(range(5, 25), 1))
+    first = run_compare([a, b], tmp_path / "one")
+    assert run_compare([a, b], tmp_path / "two") == first
+    assert (tmp_path / "one" / "comparison.md").read_text() == (tmp_path / "two" / "comparison.md").read_text()
+    other = run_compare([a, b], tmp_path / "three", "compare.seed=7")
+    assert other["runs"][1]["wer_interval"] != first["runs"][1]["wer_interval"]
+    assert other["runs"][1]["wer"] == first["runs"][1]["wer"]
+
+
+def test_model_card_results_carry_intervals(tmp_path):
+    """push's card: each WER/CER of metrics.json with its interval from the predictions next to it."""
+    from w2vbert_asr.significance import Bootstrap
+
+    run = constructed(tmp_path / "run", dict.fromkeys(range(40), 1), speakers=12)
+    card = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw",
+                          Bootstrap.from_config(compose(["recipe=demo"]).compare)).text
+    report = run_compare([run, constructed(tmp_path / "other", {})], tmp_path / "cmp")
+    low, high = report["runs"][0]["wer_interval"]
+    assert f"| test | greedy | 13.33 [{100 * low:.2f}, {100 * high:.2f}] | 13.33 [" in card
+    assert "Brackets: test: 95 % percentile bootstrap intervals, 1000 resamples of the 12 speakers, seed 0." in card
+    plain = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw").text
+    assert "| test | greedy | 13.33 | 13.33 |" in plain
+
+
+def test_speakers_flow_from_the_corpus_to_predictions(prepared_run, sw_corpus):
+    """client_id of the Common Voice TSV -> the prepared `speaker` column -> predictions rows."""
+    import csv
+
+    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.evaluate import score
+    from w2vbert_asr.text import Normalizer
+
+    with (sw_corpus / "test.tsv").open(newline="", encoding="utf-8") as f:
+        truth = {Path(r["path"]).stem: r["client_id"] for r in csv.DictReader(f, delimiter="\t",
+                                                                              quoting=csv.QUOTE_NONE)}
+    ds = load_prepared(prepared_run.output_dir, "test")
+    _, rows = score(ds, [str(t) for t in ds["text"]], Normalizer())
+    assert rows and {r["id"]: r["speaker"] for r in rows} == {r["id"]: truth[r["id"]] for r in rows}

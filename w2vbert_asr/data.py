@@ -13,7 +13,8 @@ and summarised on the terminal; the run only stops when a split ends up empty.
 
 Writes under `output_dir`:
     processor/                  Wav2Vec2BertProcessor (tokenizer + feature extractor) + normalizer.json
-    prepared/<split>.arrow      id, path, sentence (raw), text (normalised), duration, audio (16 kHz float32)
+    prepared/<split>.arrow      id, path, sentence (raw), text (normalised), duration, speaker ("" if unknown),
+                                audio (16 kHz float32)
     prepare_report.json         counts, skip reasons with examples, vocabulary and out-of-vocabulary rates
 """
 
@@ -50,6 +51,8 @@ REPORT = "prepare_report.json"
 # Skip reasons, in the order they are checked (cheap checks first: no decoding for a bad path or text).
 REASONS = ("path_escape", "empty_text", "contains_digits", "missing_file", "undecodable_audio", "duration",
            "transcript_too_long")
+# Columns naming who spoke a row (Common Voice: client_id); `compare` resamples whole speakers when known.
+SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")
 csv.field_size_limit(2**24)  # Common Voice sentences are short, but a broken file should not abort the read
 
 
@@ -64,6 +67,7 @@ class RawRow:
     path: str | None = None      # audio file path as written in the row
     audio_bytes: bytes | None = None
     base: str | None = None      # folder that path must stay inside
+    speaker: str = ""            # who spoke it, when the source says (SPEAKER_COLUMNS)
 
 
 @dataclass
@@ -101,6 +105,10 @@ def ctc_min_frames(text: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------- sources
+def _speaker(rec: dict) -> str:
+    return next((str(rec[c]) for c in SPEAKER_COLUMNS if rec.get(c) not in (None, "")), "")
+
+
 def _read_delimited(path: Path, delimiter: str, quoting: int) -> Iterator[tuple[int, dict]]:
     with path.open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
@@ -120,7 +128,7 @@ def read_commonvoice(root: Path, split: str) -> Iterator[RawRow]:
     for line, rec in _read_delimited(tsv, "\t", csv.QUOTE_NONE):
         path = rec.get("path") or ""
         yield RawRow(id=Path(path).stem or f"{split}-{line}", sentence=rec.get("sentence") or "",
-                     file=str(tsv), line=line, path=path, base=str(clips))
+                     file=str(tsv), line=line, path=path, base=str(clips), speaker=_speaker(rec))
 
 
 def read_manifest(file: Path, audio_column: str, text_column: str, root: Path | None) -> Iterator[RawRow]:
@@ -147,7 +155,7 @@ def read_manifest(file: Path, audio_column: str, text_column: str, root: Path | 
                              f"(set data.audio_column/data.text_column); found {sorted(rec)}")
         path = str(rec[audio_column] or "")
         yield RawRow(id=str(rec.get("id") or Path(path).stem or line), sentence=str(rec[text_column] or ""),
-                     file=str(file), line=line, path=path, base=str(base))
+                     file=str(file), line=line, path=path, base=str(base), speaker=_speaker(rec))
 
 
 def read_hf(name: str, config: str | None, split: str, audio_column: str, text_column: str) -> Iterator[RawRow]:
@@ -171,7 +179,8 @@ def read_hf(name: str, config: str | None, split: str, audio_column: str, text_c
         audio = rec[audio_column]
         audio = audio if isinstance(audio, dict) else {"path": audio, "bytes": None}
         yield RawRow(id=str(rec.get("id") or rec.get("path") or i), sentence=str(rec[text_column] or ""),
-                     file=f"{name}:{split}", line=i, path=audio.get("path"), audio_bytes=audio.get("bytes"))
+                     file=f"{name}:{split}", line=i, path=audio.get("path"), audio_bytes=audio.get("bytes"),
+                     speaker=_speaker(rec))
 
 
 def read_split(data_cfg: DictConfig, split: str) -> Iterator[RawRow]:
@@ -235,7 +244,7 @@ def _process(row: RawRow, normalizer: Normalizer, data_cfg, model_config) -> tup
         return None, "transcript_too_long", (f"{len(text)} characters need {needed} CTC frames, "
                                              f"the {duration:.2f} s clip gives {frames}")
     return {"id": row.id, "path": str(path or row.path or ""), "sentence": row.sentence, "text": text,
-            "duration": duration, "audio": wave}, "", ""
+            "duration": duration, "speaker": row.speaker, "audio": wave}, "", ""
 
 
 def _features():
@@ -243,7 +252,7 @@ def _features():
 
     return datasets.Features({
         "id": datasets.Value("string"), "path": datasets.Value("string"), "sentence": datasets.Value("string"),
-        "text": datasets.Value("string"), "duration": datasets.Value("float32"),
+        "text": datasets.Value("string"), "duration": datasets.Value("float32"), "speaker": datasets.Value("string"),
         "audio": datasets.List(datasets.Value("float32")),
     })
 
@@ -278,7 +287,7 @@ def prepare_split(cfg: DictConfig, split: str, normalizer: Normalizer, out_file:
 def _fingerprint(cfg: DictConfig) -> str:
     """What the prepared data depends on: the data source, the text rules and the CTC frame rate."""
     keys = {"data": OmegaConf.to_container(cfg.data, resolve=True), "text": OmegaConf.to_container(cfg.text, resolve=True),
-            "frames": str(architecture_config(cfg.model).to_dict())}
+            "frames": str(architecture_config(cfg.model).to_dict()), "columns": sorted(_features())}
     blob = json.dumps(keys, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

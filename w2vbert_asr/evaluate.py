@@ -7,7 +7,7 @@ Usage:
 
 Writes into `eval.results_dir` (default: output_dir):
     metrics.json                  per split: wer, cer, utterances, audio_hours, rtf, rtfx, device ...
-    predictions/<split>.jsonl     id, reference, hypothesis, wer, cer, duration
+    predictions/<split>.jsonl     id, reference, hypothesis, wer, cer, duration, speaker (when the data names one)
 The Whisper baseline (`w2vbert-asr baseline`) writes the very same files, so `compare` can read both.
 """
 
@@ -114,6 +114,10 @@ def score(dataset, hypotheses: list[str], normalizer: Normalizer) -> tuple[dict,
     durations = [float(d) for d in dataset["duration"]]
     rows = [{"id": str(i), "reference": r, "hypothesis": h, **utterance_rates(r, h), "duration": round(d, 3)}
             for i, r, h, d in zip(dataset["id"], refs, hyps, durations)]
+    if "speaker" in dataset.column_names:  # data prepared before the column existed has none
+        for row, spk in zip(rows, dataset["speaker"]):
+            if spk:
+                row["speaker"] = str(spk)
     metrics = {**error_rates(refs, hyps), "utterances": len(refs), "audio_hours": sum(durations) / 3600}
     return metrics, rows
 

@@ -11,6 +11,7 @@ after building that folder, so what you inspect is what a real push sends (`uplo
 folder). The card reads the run folder around the model (`<run>/model` is what `train` exports):
     <run>/config.yaml        composed training config: language, base model, data, hyperparameters
     <run>/metrics.json       WER/CER per split -> the card's results table and its `model-index`
+    <run>/predictions/       per-utterance rows -> bootstrap intervals in the results table (compare.* settings)
     <run>/compare/comparison.md   the Whisper comparison table, when `w2vbert-asr compare` was run
 The Hub token is found by huggingface_hub itself (HF_TOKEN or `hf auth login`); it is never printed,
 logged or written, and a staged file that contains it stops the push.
@@ -125,11 +126,26 @@ def eval_results(metrics: dict, dataset_type: str, dataset_name: str, dataset_co
     return results
 
 
-def _results_table(metrics: dict) -> str:
+def _results_table(metrics: dict, run: Path | None = None, bootstrap=None) -> str:
+    """One row per split of metrics.json; with `bootstrap` (significance.Bootstrap) each WER/CER gets the
+    interval computed from <run>/predictions/<split>.jsonl, when that file is there."""
+    from .significance import describe, percent_interval, system_intervals
+
     rows = ["| split | decoding | WER % | CER % | utterances | hours |", "|---|---|---:|---:|---:|---:|"]
+    notes = []
     for split, m in (metrics.get("splits") or {}).items():
-        rows.append(f"| {split.partition('+')[0]} | {m.get('decoding', 'greedy')} | {100 * m['wer']:.2f} | "
-                    f"{100 * m['cer']:.2f} | {m.get('utterances', '')} | {m.get('audio_hours', 0):.2f} |")
+        pred_file = run / "predictions" / f"{split}.jsonl" if run else None
+        ci = {}
+        if bootstrap and pred_file and pred_file.is_file():
+            from .report import read_predictions  # imports torch: only when there is something to read
+
+            ci = system_intervals(list(read_predictions(pred_file).values()), bootstrap)
+            notes.append(f"{split}: {describe(ci['unit'], ci['blocks'], bootstrap)}")
+        wer, cer = (f"{100 * m[k]:.2f}" + (f" {percent_interval(ci[k])}" if ci else "") for k in ("wer", "cer"))
+        rows.append(f"| {split.partition('+')[0]} | {m.get('decoding', 'greedy')} | {wer} | {cer} | "
+                    f"{m.get('utterances', '')} | {m.get('audio_hours', 0):.2f} |")
+    if notes:
+        rows += ["", "Brackets: " + "; ".join(notes) + "."]
     return "\n".join(rows)
 
 
@@ -155,9 +171,10 @@ def _base_model(train_cfg: dict, model_dir: Path) -> str | None:
     return base if _is_hub_id(base) else None
 
 
-def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = None) -> ModelCard:
+def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = None, bootstrap=None) -> ModelCard:
     """The model card: YAML metadata (language, license, base_model, datasets, metrics, tags, model-index)
-    and a body with results, the Whisper comparison, usage, the training command and hyperparameters."""
+    and a body with results, the Whisper comparison, usage, the training command and hyperparameters.
+    bootstrap: significance.Bootstrap settings for the results' intervals (None: no intervals)."""
     model_dir = Path(model_dir)
     train_cfg, metrics, comparison = _read_run(model_dir)
     datasets, dataset_type, dataset_name, dataset_config = _dataset(train_cfg, pcfg)
@@ -181,7 +198,8 @@ def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = Non
         + (f" ({params:,} parameters)" if isinstance(params, int) else "") + f", with w2vbert-asr {__version__}.",
         (f"Trained on {dataset_name}. Transcripts are normalised as in `normalizer.json`; WER/CER are computed "
          "on that normalised text."), "",
-        "## Results", "", _results_table(metrics) if results else "No evaluation results were found next to the model.",
+        "## Results", "",
+        _results_table(metrics, model_dir.resolve().parent, bootstrap) if results else "No evaluation results were found next to the model.",
     ]
     if comparison:
         body += ["", comparison]
@@ -301,7 +319,9 @@ def push(cfg: DictConfig) -> dict:
         raise UsageError("set push.repo_id=<user>/<name> (or push.dry_run=true to only build the folder)")
     model_dir = Path(cfg.model_dir)
     name = str(repo_id or f"<user>/{model_dir.resolve().parent.name}-w2v-bert-2.0")
-    card = build_card(model_dir, name, pcfg, cfg.get("lang"))
+    from .significance import Bootstrap
+
+    card = build_card(model_dir, name, pcfg, cfg.get("lang"), Bootstrap.from_config(cfg.compare))
     staging = Path(pcfg.staging_dir)
     files = stage(model_dir, staging, card)
     result = {"repo_id": repo_id, "private": bool(pcfg.private), "staging_dir": str(staging), "files": files,

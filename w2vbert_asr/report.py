@@ -4,14 +4,18 @@ Usage:
     w2vbert-asr compare compare.runs=[demo_out,demo_out/baseline]
     w2vbert-asr compare compare.runs=[outputs/mn,outputs/mn/baseline,outputs/mn/whisper-ft] compare.split=test \
         compare.output_dir=outputs/mn/compare compare.top_disagreements=20
+    w2vbert-asr compare compare.runs=[a,b] compare.bootstrap_samples=10000 compare.confidence=0.99
 
 Each run folder holds metrics.json and predictions/<split>.jsonl. Writes into `compare.output_dir`
 (default: <first run>/compare when no `lang`/recipe is given):
-    comparison.md      table (system, model, WER, CER, utterances, audio hours, parameters, RTFx with the
-                       device and batch setting it was measured with), warnings, and the utterances where
-                       the systems disagree most (reference + every hypothesis); also printed
+    comparison.md      table (system, model, WER, CER with bootstrap intervals, utterances, audio hours,
+                       parameters, RTFx with the device and batch setting it was measured with), warnings,
+                       every pair's paired difference with its interval and verdict (better / worse / not
+                       distinguishable), and the utterances where the systems disagree most (reference +
+                       every hypothesis); also printed
     comparison.json    the same as data
-    comparison.png     bar charts: WER/CER per system, RTFx per system
+    comparison.png     bar charts: WER/CER per system with interval error bars, RTFx per system
+Intervals and verdicts: w2vbert_asr/significance.py (resampled by speaker when the predictions name them).
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import UsageError
 from .evaluate import METRICS, PREDICTIONS
+from .storage import atomic_write_text
+from .significance import BETTER, METRICS as RATES, WORSE, Bootstrap, bootstrap, describe, paired, \
+    percent_interval, system_intervals
 
 MARKDOWN = "comparison.md"
 JSON = "comparison.json"
@@ -51,6 +58,12 @@ def load_run(folder: str | Path, split: str) -> dict:
     pred_file = folder / PREDICTIONS / f"{split}.jsonl"
     if not pred_file.is_file():
         raise UsageError(f"{pred_file} not found next to {metrics_file}; re-run the command that wrote the folder")
+    header = {k: v for k, v in data.items() if k != "splits"}
+    return {"dir": str(folder), **header, "metrics": splits[split], "rows": read_predictions(pred_file)}
+
+
+def read_predictions(pred_file: Path) -> dict[str, dict]:
+    """predictions/<split>.jsonl -> {id: row}, in file order."""
     rows = {}
     for n, line in enumerate(pred_file.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -60,8 +73,7 @@ def load_run(folder: str | Path, split: str) -> dict:
             rows[str(row["id"])] = row
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise UsageError(f"{pred_file}:{n}: not a prediction row ({type(e).__name__}: {e})") from e
-    header = {k: v for k, v in data.items() if k != "splits"}
-    return {"dir": str(folder), **header, "metrics": splits[split], "rows": rows}
+    return rows
 
 
 def _labels(runs: list[dict]) -> list[str]:
@@ -119,6 +131,18 @@ def disagreements(runs: list[dict], labels: list[str], common: set[str], top: in
     return items[:top]
 
 
+def significance(runs: list[dict], labels: list[str], common: set[str], settings: Bootstrap) -> tuple[list, dict]:
+    """Every pair of runs on their common utterances: paired WER/CER difference, interval, verdict.
+    -> (pairs, how the common set was resampled)."""
+    ids = sorted(common)  # a fixed order: the same seed must give the same resamples in every process
+    if not ids:
+        return [], {}
+    res = bootstrap([[r["rows"][i] for i in ids] for r in runs], settings)
+    pairs = [{"a": labels[a], "b": labels[b], **paired(res, a, b, settings.confidence)}
+             for a in range(len(runs)) for b in range(a + 1, len(runs))]
+    return pairs, {"unit": res.unit, "blocks": res.blocks, "utterances": res.utterances}
+
+
 def _params(n) -> str:
     if not isinstance(n, (int, float)):
         return "?"
@@ -133,9 +157,22 @@ def _fmt(x, scale: float = 1.0, digits: int = 2) -> str:
     return f"{scale * x:.{digits}f}" if isinstance(x, (int, float)) else "?"
 
 
+def _rate(run: dict, metric: str) -> str:
+    """"10.00 [4.00, 18.00]": the run's rate in percent with its interval."""
+    ci = run.get(f"{metric}_interval")
+    return _fmt(run[metric], 100) + (f" {percent_interval(ci)}" if ci else "")
+
+
+def _verdict(v: str) -> str:
+    return f"**{v}**" if v in (BETTER, WORSE) else v
+
+
 def to_markdown(report: dict) -> str:
+    boot = report["bootstrap"]
+    conf = f"{100 * boot['confidence']:g} %"
     lines = [f"# Comparison on split `{report['split']}`", "",
-             "| system | model | WER % | CER % | utterances | audio h | parameters | RTFx | measured on |",
+             f"| system | model | WER % [{conf} CI] | CER % [{conf} CI] | utterances | audio h | parameters | RTFx | "
+             "measured on |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     # Flag the cells a warning below the table is about, so nobody reads the numbers without it.
     mixed_devices = len({r["device"] for r in report["runs"]}) > 1
@@ -143,14 +180,27 @@ def to_markdown(report: dict) -> str:
     for r in report["runs"]:
         utts = f"{r['utterances']}{WARN if mixed_sets else ''}"
         rtfx = f"{_fmt(r['rtfx'], digits=1)}{WARN if mixed_devices else ''}"
-        lines.append(f"| {_cell(r['label'])} | {_cell(r['model'])} | {_fmt(r['wer'], 100)} | {_fmt(r['cer'], 100)} | "
+        lines.append(f"| {_cell(r['label'])} | {_cell(r['model'])} | {_rate(r, 'wer')} | {_rate(r, 'cer')} | "
                      f"{utts} | {_fmt(r['audio_hours'], digits=3)} | {_params(r['parameters'])} | "
                      f"{rtfx} | {_cell(r['device'])}, {_cell(r['batch'])} |")
     lines.append("")
     lines.append("WER/CER on normalised text (the same normaliser for references and every hypothesis); "
-                 "RTFx = audio seconds / wall seconds of decoding, features included.")
+                 "RTFx = audio seconds / wall seconds of decoding, features included." + _interval_note(report))
     if report["warnings"]:
         lines += ["", *(f"> **Warning{WARN}:** {w}" for w in report["warnings"])]
+    if report["pairs"]:
+        sig = report["paired_resampling"]
+        lines += ["", f"## Paired differences (A minus B on the {sig['utterances']} common utterances)", "",
+                  f"| A | B | WER points [{conf} CI] | WER: A is | CER points [{conf} CI] | CER: A is |",
+                  "|---|---|---:|---|---:|---|"]
+        for p in report["pairs"]:
+            cells = [f"{100 * p[m]['difference']:+.2f} {percent_interval(p[m]['interval'])} | {_verdict(p[m]['verdict'])}"
+                     for m in RATES]
+            lines.append(f"| {_cell(p['a'])} | {_cell(p['b'])} | {' | '.join(cells)} |")
+        lines += ["", f"Both systems are scored on the same resamples ({describe(sig['unit'], sig['blocks'], _settings(boot))}"
+                  f"); A is better (worse) when the whole interval of A minus B lies below (above) 0."
+                  + (" With several pairs, about one interval in twenty excludes 0 by chance alone."
+                     if len(report["pairs"]) > 2 else "")]
     lines += ["", f"## Where the systems disagree most (top {len(report['disagreements'])} of "
               f"{report['common_utterances']} common utterances, by per-utterance WER spread, then CER)", ""]
     if not report["disagreements"]:
@@ -165,8 +215,28 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _settings(boot: dict) -> Bootstrap:
+    return Bootstrap(boot["samples"], boot["confidence"], boot["seed"], boot["min_speakers"])
+
+
+def _interval_note(report: dict) -> str:
+    """How each run's intervals were made; which runs, when they were not all made alike."""
+    groups: dict[tuple, list[str]] = {}
+    for r in report["runs"]:
+        if r.get("resampling"):
+            groups.setdefault((r["resampling"]["unit"], r["resampling"]["blocks"]), []).append(r["label"])
+    notes = [describe(unit, blocks, _settings(report["bootstrap"])) + (f" ({', '.join(labels)})" if len(groups) > 1
+                                                                       else "")
+             for (unit, blocks), labels in groups.items()]
+    if any(unit == "utterance" for unit, _ in groups):
+        notes.append(f"without speaker ids (or with fewer than {report['bootstrap']['min_speakers']} speakers) "
+                     "utterances of one speaker are drawn independently, so intervals can be too narrow")
+    return f" Brackets: {'; '.join(notes)}." if notes else ""
+
+
 def plot(report: dict, path: Path) -> None:
-    """Two bar charts side by side: WER and CER (%) per system; RTFx per system (log scale)."""
+    """Two bar charts side by side: WER and CER (%) per system with interval error bars; RTFx per system
+    (log scale)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -179,12 +249,15 @@ def plot(report: dict, path: Path) -> None:
     width = 0.38
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(4 + 2.2 * len(runs), 4.5))
     for offset, key, name in ((-width / 2, "wer", "WER"), (width / 2, "cer", "CER")):
-        values = [100 * (r[key] if isinstance(r[key], (int, float)) else np.nan) for r in runs]
-        bars = ax1.bar(x + offset, values, width, label=name)
+        values = np.array([100 * (r[key] if isinstance(r[key], (int, float)) else np.nan) for r in runs])
+        bounds = np.array([100 * np.array(r.get(f"{key}_interval") or [np.nan, np.nan]) for r in runs])
+        errors = np.clip([values - bounds[:, 0], bounds[:, 1] - values], 0, None)  # (2, systems)
+        bars = ax1.bar(x + offset, values, width, label=name, yerr=np.nan_to_num(errors), capsize=4)
         ax1.bar_label(bars, fmt="%.1f", fontsize=8)
     ax1.set_xticks(x, labels, rotation=15, ha="right")
     ax1.set_ylabel("error rate (%)")
-    ax1.set_title(f"WER / CER on {report['split']} (lower is better)")
+    conf = f"{100 * report['bootstrap']['confidence']:g} %"
+    ax1.set_title(f"WER / CER on {report['split']} (lower is better)\nbars: {conf} bootstrap interval", fontsize=10)
     ax1.legend()
     rtfx = [r["rtfx"] if isinstance(r["rtfx"], (int, float)) else np.nan for r in runs]
     bars = ax2.bar(x, rtfx, 0.6, color="tab:green")
@@ -217,27 +290,36 @@ def compare(cfg: DictConfig) -> dict:
         raise UsageError(f"compare needs at least {MIN_RUNS} result folders, got {runs_cfg}: pass "
                          "compare.runs=[<evaluate results dir>,<baseline results dir>]")
     split = str(cfg.compare.split)
+    settings = Bootstrap.from_config(cfg.compare)
     runs = [load_run(r, split) for r in runs_cfg]
     labels = _labels(runs)
     common = set.intersection(*(set(r["rows"]) for r in runs))
+    cis = [system_intervals(list(r["rows"].values()), settings) if r["rows"] else {} for r in runs]
+    pairs, paired_resampling = significance(runs, labels, common, settings)
     report = {
         "split": split,
+        "bootstrap": {"samples": settings.samples, "confidence": settings.confidence, "seed": settings.seed,
+                      "min_speakers": settings.min_speakers},
         "runs": [{"label": lab, "dir": r["dir"], "system": r.get("system"), "model": r.get("model", "?"),
                   "wer": r["metrics"].get("wer"), "cer": r["metrics"].get("cer"),
+                  "wer_interval": ci.get("wer"), "cer_interval": ci.get("cer"),
+                  "resampling": {"unit": ci["unit"], "blocks": ci["blocks"]} if ci else None,
                   "utterances": r["metrics"].get("utterances", len(r["rows"])),
                   "audio_hours": r["metrics"].get("audio_hours"), "parameters": r.get("parameters"),
                   "rtfx": r["metrics"].get("rtfx"), "device": r.get("device") or "?", "batch": batch_setting(r),
                   "decoding": r["metrics"].get("decoding")}
-                 for lab, r in zip(labels, runs)],
+                 for lab, r, ci in zip(labels, runs, cis)],
         "warnings": _warnings(runs, labels, common),
         "common_utterances": len(common),
+        "pairs": pairs,
+        "paired_resampling": paired_resampling,
         "disagreements": disagreements(runs, labels, common, int(cfg.compare.top_disagreements)),
     }
     out = _output_dir(cfg, runs_cfg)
     out.mkdir(parents=True, exist_ok=True)
     markdown = to_markdown(report)
-    (out / MARKDOWN).write_text(markdown, encoding="utf-8")
-    (out / JSON).write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    atomic_write_text(out / MARKDOWN, markdown)
+    atomic_write_text(out / JSON, json.dumps(report, ensure_ascii=False, indent=2))
     plot(report, out / PNG)
     print(markdown)
     print(f"wrote {out / MARKDOWN}, {out / JSON} and {out / PNG}")
