@@ -222,18 +222,19 @@ def test_intervals_are_seeded(tmp_path):
 
 
 def test_model_card_results_carry_intervals(tmp_path):
-    """push's card: each WER/CER of metrics.json with its interval from the predictions next to it."""
+    """push's card: each WER/CER of metrics.json with its interval from the predictions next to it, the same
+    as `compare` gives with the same settings."""
     from w2vbert_asr.significance import Bootstrap
 
-    run = constructed(tmp_path / "run", dict.fromkeys(range(40), 1), speakers=12)
+    run = constructed(tmp_path / "run", dict.fromkeys(range(40), 1))
     card = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw",
                           Bootstrap.from_config(compose(["recipe=demo"]).compare)).text
     report = run_compare([run, constructed(tmp_path / "other", {})], tmp_path / "cmp")
     low, high = report["runs"][0]["wer_interval"]
-    assert f"| test | greedy | 13.33 [{100 * low:.2f}, {100 * high:.2f}] | 13.33 [" in card
-    assert "Brackets: test: 95 % percentile bootstrap intervals, 1000 resamples of the 12 speakers, seed 0." in card
+    assert f"| test | greedy | 13.33 [{100 * low:.2f}, {100 * high:.2f}] | 8.70 [" in card
+    assert "Brackets: test: 95 % percentile bootstrap intervals, 1000 resamples of the 60 utterances, seed 0." in card
     plain = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw").text
-    assert "| test | greedy | 13.33 | 13.33 |" in plain
+    assert "| test | greedy | 13.33 | 8.70 |" in plain
 
 
 def test_speakers_flow_from_the_corpus_to_predictions(prepared_run, sw_corpus):

@@ -58,12 +58,14 @@ def rows(errors: list[int], speakers: list[str] | None = None) -> list[dict]:
 
 def test_interval_brackets_the_corpus_rate_and_shrinks_with_more_data():
     settings = Bootstrap(samples=1000, confidence=0.95, seed=0, min_speakers=10)
-    small = system_intervals(rows([1, 0, 0, 0] * 10), settings)
-    large = system_intervals(rows([1, 0, 0, 0] * 250), settings)
+    small = system_intervals(dict(enumerate(rows([1, 0, 0, 0] * 10))), settings)
+    large = system_intervals(dict(enumerate(rows([1, 0, 0, 0] * 250))), settings)
     for ci in (small, large):
         assert ci["wer"][0] < 1 / 16 < ci["wer"][1] and ci["unit"] == "utterance"
     assert large["wer"][1] - large["wer"][0] < (small["wer"][1] - small["wer"][0]) / 3  # ~ 1/sqrt(25)
     assert large["blocks"] == large["utterances"] == 1000
+    shuffled = rows([1, 0, 0, 0] * 10)
+    assert system_intervals(dict(reversed(list(enumerate(shuffled)))), settings) == small  # file order: no matter
 
 
 def test_paired_verdicts_and_empty_references():

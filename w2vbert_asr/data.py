@@ -285,7 +285,8 @@ def prepare_split(cfg: DictConfig, split: str, normalizer: Normalizer, out_file:
 
 
 def _fingerprint(cfg: DictConfig) -> str:
-    """What the prepared data depends on: the data source, the text rules and the CTC frame rate."""
+    """What the prepared data depends on: the data source, the text rules, the CTC frame rate and the
+    columns (data prepared before a column existed is prepared again rather than read without it)."""
     keys = {"data": OmegaConf.to_container(cfg.data, resolve=True), "text": OmegaConf.to_container(cfg.text, resolve=True),
             "frames": str(architecture_config(cfg.model).to_dict()), "columns": sorted(_features())}
     blob = json.dumps(keys, sort_keys=True, default=str)

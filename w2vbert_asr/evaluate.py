@@ -114,7 +114,7 @@ def score(dataset, hypotheses: list[str], normalizer: Normalizer) -> tuple[dict,
     durations = [float(d) for d in dataset["duration"]]
     rows = [{"id": str(i), "reference": r, "hypothesis": h, **utterance_rates(r, h), "duration": round(d, 3)}
             for i, r, h, d in zip(dataset["id"], refs, hyps, durations)]
-    if "speaker" in dataset.column_names:  # data prepared before the column existed has none
+    if "speaker" in dataset.column_names:  # datasets built outside `prepare` may have no such column
         for row, spk in zip(rows, dataset["speaker"]):
             if spk:
                 row["speaker"] = str(spk)

@@ -139,7 +139,7 @@ def _results_table(metrics: dict, run: Path | None = None, bootstrap=None) -> st
         if bootstrap and pred_file and pred_file.is_file():
             from .report import read_predictions  # imports torch: only when there is something to read
 
-            ci = system_intervals(list(read_predictions(pred_file).values()), bootstrap)
+            ci = system_intervals(read_predictions(pred_file), bootstrap)
             notes.append(f"{split}: {describe(ci['unit'], ci['blocks'], bootstrap)}")
         wer, cer = (f"{100 * m[k]:.2f}" + (f" {percent_interval(ci[k])}" if ci else "") for k in ("wer", "cer"))
         rows.append(f"| {split.partition('+')[0]} | {m.get('decoding', 'greedy')} | {wer} | {cer} | "
@@ -199,7 +199,8 @@ def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = Non
         (f"Trained on {dataset_name}. Transcripts are normalised as in `normalizer.json`; WER/CER are computed "
          "on that normalised text."), "",
         "## Results", "",
-        _results_table(metrics, model_dir.resolve().parent, bootstrap) if results else "No evaluation results were found next to the model.",
+        _results_table(metrics, model_dir.resolve().parent, bootstrap) if results
+        else "No evaluation results were found next to the model.",
     ]
     if comparison:
         body += ["", comparison]

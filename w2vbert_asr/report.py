@@ -21,6 +21,7 @@ Intervals and verdicts: w2vbert_asr/significance.py (resampled by speaker when t
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -28,9 +29,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import UsageError
 from .evaluate import METRICS, PREDICTIONS
-from .storage import atomic_write_text
 from .significance import BETTER, METRICS as RATES, WORSE, Bootstrap, bootstrap, describe, paired, \
     percent_interval, system_intervals
+from .storage import atomic_write_text
 
 MARKDOWN = "comparison.md"
 JSON = "comparison.json"
@@ -168,8 +169,8 @@ def _verdict(v: str) -> str:
 
 
 def to_markdown(report: dict) -> str:
-    boot = report["bootstrap"]
-    conf = f"{100 * boot['confidence']:g} %"
+    boot = Bootstrap(**report["bootstrap"])
+    conf = f"{100 * boot.confidence:g} %"
     lines = [f"# Comparison on split `{report['split']}`", "",
              f"| system | model | WER % [{conf} CI] | CER % [{conf} CI] | utterances | audio h | parameters | RTFx | "
              "measured on |",
@@ -194,13 +195,13 @@ def to_markdown(report: dict) -> str:
                   f"| A | B | WER points [{conf} CI] | WER: A is | CER points [{conf} CI] | CER: A is |",
                   "|---|---|---:|---|---:|---|"]
         for p in report["pairs"]:
-            cells = [f"{100 * p[m]['difference']:+.2f} {percent_interval(p[m]['interval'])} | {_verdict(p[m]['verdict'])}"
-                     for m in RATES]
+            cells = [f"{100 * p[m]['difference']:+.2f} {percent_interval(p[m]['interval'])} | "
+                     f"{_verdict(p[m]['verdict'])}" for m in RATES]
             lines.append(f"| {_cell(p['a'])} | {_cell(p['b'])} | {' | '.join(cells)} |")
-        lines += ["", f"Both systems are scored on the same resamples ({describe(sig['unit'], sig['blocks'], _settings(boot))}"
-                  f"); A is better (worse) when the whole interval of A minus B lies below (above) 0."
-                  + (" With several pairs, about one interval in twenty excludes 0 by chance alone."
-                     if len(report["pairs"]) > 2 else "")]
+        lines += ["", f"Both systems are scored on the same resamples ({describe(sig['unit'], sig['blocks'], boot)}); "
+                  "A is better (worse) when the whole interval of A minus B lies below (above) 0."
+                  + (f" Each verdict holds at {conf} on its own: among {len(report['pairs'])} pairs, one may be "
+                     "called by chance." if len(report["pairs"]) > 2 else "")]
     lines += ["", f"## Where the systems disagree most (top {len(report['disagreements'])} of "
               f"{report['common_utterances']} common utterances, by per-utterance WER spread, then CER)", ""]
     if not report["disagreements"]:
@@ -215,18 +216,14 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _settings(boot: dict) -> Bootstrap:
-    return Bootstrap(boot["samples"], boot["confidence"], boot["seed"], boot["min_speakers"])
-
-
 def _interval_note(report: dict) -> str:
     """How each run's intervals were made; which runs, when they were not all made alike."""
     groups: dict[tuple, list[str]] = {}
     for r in report["runs"]:
         if r.get("resampling"):
             groups.setdefault((r["resampling"]["unit"], r["resampling"]["blocks"]), []).append(r["label"])
-    notes = [describe(unit, blocks, _settings(report["bootstrap"])) + (f" ({', '.join(labels)})" if len(groups) > 1
-                                                                       else "")
+    boot = Bootstrap(**report["bootstrap"])
+    notes = [describe(unit, blocks, boot) + (f" ({', '.join(labels)})" if len(groups) > 1 else "")
              for (unit, blocks), labels in groups.items()]
     if any(unit == "utterance" for unit, _ in groups):
         notes.append(f"without speaker ids (or with fewer than {report['bootstrap']['min_speakers']} speakers) "
@@ -294,12 +291,11 @@ def compare(cfg: DictConfig) -> dict:
     runs = [load_run(r, split) for r in runs_cfg]
     labels = _labels(runs)
     common = set.intersection(*(set(r["rows"]) for r in runs))
-    cis = [system_intervals(list(r["rows"].values()), settings) if r["rows"] else {} for r in runs]
+    cis = [system_intervals(r["rows"], settings) if r["rows"] else {} for r in runs]
     pairs, paired_resampling = significance(runs, labels, common, settings)
     report = {
         "split": split,
-        "bootstrap": {"samples": settings.samples, "confidence": settings.confidence, "seed": settings.seed,
-                      "min_speakers": settings.min_speakers},
+        "bootstrap": asdict(settings),
         "runs": [{"label": lab, "dir": r["dir"], "system": r.get("system"), "model": r.get("model", "?"),
                   "wer": r["metrics"].get("wer"), "cer": r["metrics"].get("cer"),
                   "wer_interval": ci.get("wer"), "cer_interval": ci.get("cer"),

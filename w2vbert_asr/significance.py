@@ -11,6 +11,7 @@ both systems, so it only carries the variance of the difference, not of the test
     rows = [{"reference": "a b", "hypothesis": "a c", "speaker": "s1"}, ...]   # predictions/<split>.jsonl rows
     result = bootstrap([rows_a, rows_b], Bootstrap(samples=1000, confidence=0.95, seed=0, min_speakers=10))
     interval(result.rates["wer"][:, 0], 0.95)     # system A's WER interval
+    paired(result, 0, 1, 0.95)["wer"]["verdict"]  # "better", "worse" or "not distinguishable"
 """
 
 from __future__ import annotations
@@ -128,9 +129,10 @@ def verdict(low: float, high: float) -> str:
     return BETTER if high < 0 else WORSE if low > 0 else SAME
 
 
-def system_intervals(rows: Sequence[dict], settings: Bootstrap) -> dict:
-    """One system's rows -> {"wer": [low, high], "cer": [low, high], "unit", "blocks", "utterances"}."""
-    res = bootstrap([rows], settings)
+def system_intervals(rows: dict[str, dict], settings: Bootstrap) -> dict:
+    """One system's rows by utterance id -> {"wer": [low, high], "cer": [low, high], "unit", "blocks",
+    "utterances"}. Rows are taken in id order, so the same predictions in any order give the same intervals."""
+    res = bootstrap([[rows[k] for k in sorted(rows)]], settings)
     return {**{m: interval(res.rates[m][:, 0], settings.confidence) for m in METRICS},
             "unit": res.unit, "blocks": res.blocks, "utterances": res.utterances}
 
