@@ -90,7 +90,7 @@ def test_results_have_evaluate_format(run):
     assert metrics["batch_size"] == 4 and metrics["device"].startswith("cpu")
     assert metrics["parameters"] > 0
     for r in rows:
-        assert set(r) == {"id", "reference", "hypothesis", "wer", "cer", "duration"}
+        assert set(r) == {"id", "reference", "hypothesis", "wer", "cer", "duration", "speaker"}  # corpus names speakers
         assert r["wer"] == pytest.approx(jiwer.wer(r["reference"], r["hypothesis"]))
     refs, hyps = [r["reference"] for r in rows], [r["hypothesis"] for r in rows]
     assert split["wer"] == pytest.approx(jiwer.wer(refs, hyps))

@@ -237,17 +237,28 @@ def test_model_card_results_carry_intervals(tmp_path):
     assert "| test | greedy | 13.33 | 8.70 |" in plain
 
 
-def test_speakers_flow_from_the_corpus_to_predictions(prepared_run, sw_corpus):
-    """client_id of the Common Voice TSV -> the prepared `speaker` column -> predictions rows."""
+def test_speakers_flow_from_the_corpus_to_predictions(prepared_run, sw_corpus, tmp_path):
+    """client_id of the Common Voice TSV -> the prepared `speaker` column -> predictions rows -> compare
+    resamples those speakers."""
     import csv
 
     from w2vbert_asr.data import load_prepared
-    from w2vbert_asr.evaluate import score
+    from w2vbert_asr.evaluate import score, write_results
     from w2vbert_asr.text import Normalizer
 
-    with (sw_corpus / "test.tsv").open(newline="", encoding="utf-8") as f:
+    with (sw_corpus / "train.tsv").open(newline="", encoding="utf-8") as f:  # the split with several speakers
         truth = {Path(r["path"]).stem: r["client_id"] for r in csv.DictReader(f, delimiter="\t",
                                                                               quoting=csv.QUOTE_NONE)}
-    ds = load_prepared(prepared_run.output_dir, "test")
-    _, rows = score(ds, [str(t) for t in ds["text"]], Normalizer())
-    assert rows and {r["id"]: r["speaker"] for r in rows} == {r["id"]: truth[r["id"]] for r in rows}
+    ds = load_prepared(prepared_run.output_dir, "train")
+    texts = [str(t) for t in ds["text"]]
+    runs = []
+    for name, hyps in (("exact", texts), ("first-word-dropped", [t.split(" ", 1)[-1] for t in texts])):
+        metrics, rows = score(ds, hyps, Normalizer())
+        assert rows and {r["id"]: r["speaker"] for r in rows} == {r["id"]: truth[r["id"]] for r in rows}
+        write_results(tmp_path / name, "train", metrics, rows, {**OURS_HEADER, "system": name})
+        runs.append(tmp_path / name)
+    speakers = len({truth[i] for i in ds["id"]})
+    assert speakers > 1
+    report = run_compare(runs, tmp_path / "cmp", f"compare.min_speakers={speakers}", "compare.split=train")
+    assert report["paired_resampling"]["unit"] == "speaker" and report["paired_resampling"]["blocks"] == speakers
+    assert report["runs"][0]["wer_interval"] == [0.0, 0.0] and report["pairs"][0]["wer"]["difference"] < 0

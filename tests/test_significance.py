@@ -46,6 +46,7 @@ def test_speakers_are_blocks_only_when_all_known_and_enough():
     assert blocks_of(["b", "a", "b", "c"], min_speakers=4)[1] == "utterance"
     ids, unit = blocks_of(["b", None, "b", "c"], min_speakers=1)
     assert unit == "utterance" and ids.tolist() == [0, 1, 2, 3]
+    assert blocks_of(["b", "b"], min_speakers=1)[1] == "utterance"
 
 
 def rows(errors: list[int], speakers: list[str] | None = None) -> list[dict]:

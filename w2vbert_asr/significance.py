@@ -69,8 +69,9 @@ def error_counts(references: Sequence[str], hypotheses: Sequence[str]) -> dict[s
 
 
 def blocks_of(speakers: Sequence[str | None], min_speakers: int) -> tuple[np.ndarray, str]:
-    """-> (block index of each utterance (N,), unit). Speakers are blocks only when all are known."""
-    if speakers and all(speakers) and len(set(speakers)) >= min_speakers:
+    """-> (block index of each utterance (N,), unit). Speakers are blocks only when all are known and there
+    are at least min_speakers (and 2: one block resampled is always the same set, a zero-width interval)."""
+    if speakers and all(speakers) and len(set(speakers)) >= max(2, min_speakers):
         return np.unique(np.asarray(speakers, dtype=object).astype(str), return_inverse=True)[1], "speaker"
     return np.arange(len(speakers)), "utterance"
 
