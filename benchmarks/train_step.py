@@ -9,7 +9,8 @@ Usage:
 What one step is: ``gradient_accumulation_steps`` micro-batches, each = random 16 kHz noise moved to the
 device, features computed there by ``BatchFeatureExtractor`` (timed), forward + CTC loss under autocast,
 backward (gradient checkpointing recomputes each Conformer layer), then GradScaler unscale, gradient
-clipping and a fused AdamW step: the loop of w2vbert_asr/train.py without accelerate.
+clipping and a fused AdamW step: ``w2vbert_asr.train.train_step`` itself, the training loop's step,
+under an ``Accelerator`` set up as the loop sets it up (mixed precision, accumulation).
 
 Model: ``Wav2Vec2BertForCTC`` built by ``w2vbert_asr.model.build_model`` with random weights in the
 w2v-bert-2.0 shape and the overrides of conf/model/w2v_bert_2.yaml (adapter, mean CTC loss, SpecAugment,
@@ -61,6 +62,7 @@ from w2vbert_asr.features import SAMPLING_RATE, ctc_output_frames  # noqa: E402
 from w2vbert_asr.features import BatchFeatureExtractor  # noqa: E402
 from w2vbert_asr.model import architecture_config, build_model, count_parameters  # noqa: E402
 from w2vbert_asr.text import Vocabulary, build_processor  # noqa: E402
+from w2vbert_asr.train import train_step  # noqa: E402
 
 GIB = 2**30
 NOISE_STD = 0.1  # random "speech": Gaussian noise well inside [-1, 1]
@@ -228,7 +230,7 @@ class RunResult:
     feature_seconds: float = 0.0
     model_flops: float = 0.0
     hardware_flops: float = 0.0
-    skipped_steps: int = 0  # GradScaler found inf/NaN gradients and skipped the optimizer step
+    skipped_steps: int = 0  # no update: GradScaler found inf/NaN gradients, or a non-finite loss dropped the window
     peak_allocated_gib: float | None = None
     peak_reserved_gib: float | None = None
     steps: int = 0
@@ -294,32 +296,31 @@ def _build(model_cfg: DictConfig, tokenizer, attn: str, device, seed: int, init_
     return model.to(device).train()
 
 
-def _train_step(model, optimizer, scaler, autocast, params, batches: list[MicroBatch], setup: dict, seed: int):
-    """One optimizer step over ``batches`` (gradient accumulation). -> (mean loss tensor, feature shapes
-    ``[(B, T), ...]``, a callable giving the feature-extraction seconds once the device is synchronised).
+def _train_step(accelerator, model, optimizer, scheduler, batches: list[MicroBatch], setup: dict, seed: int):
+    """One optimizer step over ``batches`` (gradient accumulation) by the training loop's own
+    ``w2vbert_asr.train.train_step`` (loss, backward, GradScaler, clipping, AdamW step). -> (step output,
+    mean finite micro-batch loss, feature shapes ``[(B, T), ...]``, a callable giving the
+    feature-extraction seconds once the device is synchronised).
 
     A function of its own so that after an OOM its activations die with its frame."""
-    device, tcfg = setup["device"], setup["train_cfg"]
+    device = setup["device"]
     feature_watch = _Stopwatch(device)
-    shapes, losses = [], []
-    for k, mb in enumerate(batches):
+    shapes = []
+
+    def featurizer(waves, lengths):  # the real extractor, timed, shapes recorded
         with feature_watch():
-            feats, mask = setup["featurizer"](mb.waves.to(device), mb.lengths.to(device))
+            feats, mask = setup["featurizer"](waves, lengths)
         shapes.append(tuple(feats.shape[:2]))
-        # SpecAugment draws its masks from numpy's global RNG and dropout from torch's: seeding both per
-        # micro-batch gives every attention implementation the very same masks.
-        np.random.seed(seed + k)
-        torch.manual_seed(seed + k)
-        with autocast:
-            loss = model(input_features=feats, attention_mask=mask, labels=mb.labels.to(device)).loss
-        scaler.scale(loss / len(batches)).backward()
-        losses.append(loss.detach())
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(params, tcfg.max_grad_norm)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return torch.stack(losses).float().mean(), shapes, feature_watch.total
+        return feats, mask
+
+    # SpecAugment draws its masks from numpy's global RNG and dropout from torch's: seeding both per step
+    # gives every attention implementation the very same masks.
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    micro = [{"waves": mb.waves, "lengths": mb.lengths, "labels": mb.labels} for mb in batches]
+    out = train_step(accelerator, model, optimizer, scheduler, micro, featurizer, setup["train_cfg"].max_grad_norm)
+    loss = out.loss_sum / out.finite if out.finite else float("nan")
+    return out, loss, shapes, feature_watch.total
 
 
 def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResult, dict | None]:
@@ -341,12 +342,11 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
     optimizer, fused = _optimizer(model, tcfg, device)
     setup.setdefault("fused", fused)
     setup.setdefault("parameters", count_parameters(model)[1])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    # The real loop's accelerate setup: autocast, fp16 GradScaler and accumulation come from it.
+    accelerator = setup["accelerator"]
+    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant: warmup is not timed
     accum = setup["accum"]
-    params = [p for p in model.parameters() if p.requires_grad]
     if device.type == "cuda":
         gc.collect()
         torch.cuda.empty_cache()
@@ -357,15 +357,14 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
         for step in range(args.warmup + args.steps):
             batches = micro[step * accum : (step + 1) * accum]
             measured = step >= args.warmup
-            scale_before = scaler.get_scale() if scaler.is_enabled() else None
             _sync(device)
             t0 = time.perf_counter()
-            loss, shapes, feature_seconds = _train_step(model, optimizer, scaler, autocast, params, batches,
-                                                        setup, seed=args.seed + step * accum)
+            out, loss, shapes, feature_seconds = _train_step(accelerator, model, optimizer, scheduler, batches,
+                                                             setup, seed=args.seed + step * accum)
             _sync(device)
             elapsed = time.perf_counter() - t0
             res.losses.append(float(loss))
-            skipped = scale_before is not None and scaler.get_scale() < scale_before
+            skipped = not out.stepped
             if measured:
                 res.steps += 1
                 res.seconds += elapsed
@@ -378,7 +377,7 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
                 res.skipped_steps += int(skipped)
             tag = "step" if measured else "warmup"
             print(f"[{attn}] {tag} {step + 1}/{args.warmup + args.steps}: loss {res.losses[-1]:.4f}, "
-                  f"{elapsed:.3f} s, batches {shapes}{' (GradScaler skipped the update)' if skipped else ''}")
+                  f"{elapsed:.3f} s, batches {shapes}{' (no update: inf/NaN)' if skipped else ''}")
     except torch.cuda.OutOfMemoryError as err:  # the same class as torch.OutOfMemoryError
         first = str(err).splitlines()[0]
         shapes = [tuple(mb.waves.shape) for mb in batches]
@@ -392,8 +391,10 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
     if device.type == "cuda":
         res.peak_allocated_gib = torch.cuda.max_memory_allocated(device) / GIB
         res.peak_reserved_gib = torch.cuda.max_memory_reserved(device) / GIB
-    optimizer.zero_grad(set_to_none=True)  # an OOM mid-step leaves gradients behind
-    del model, optimizer, params
+    for p in model.parameters():  # an OOM mid-step leaves gradients behind
+        p.grad = None
+    accelerator.free_memory()  # forgets the prepared model/optimizer and resets the accumulation counter
+    del model, optimizer, scheduler
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -562,8 +563,14 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     plan, padding = plan_batches(caps["max_batch_seconds"], caps["max_batch_size"], num_micro, args.seed,
                                  args.max_duration or MAX_SECONDS)
     micro = [make_micro_batch(d, len(tokenizer), arch, args.seed * 1_000_003 + i) for i, d in enumerate(plan)]
+    from accelerate import Accelerator
+
+    # Only to force CPU where CUDA exists; on a CPU-only machine accelerate picks the CPU by itself.
+    accelerator = Accelerator(cpu=device.type == "cpu" and torch.cuda.is_available(),
+                              mixed_precision={torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "no"),
+                              gradient_accumulation_steps=caps["gradient_accumulation_steps"])
     setup = {
-        "device": device, "dtype": dtype, "train_cfg": cfg.train, "model_cfg": model_cfg, "tokenizer": tokenizer,
+        "accelerator": accelerator, "device": device, "dtype": dtype, "train_cfg": cfg.train, "model_cfg": model_cfg, "tokenizer": tokenizer,
         "featurizer": BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device),
         "accum": caps["gradient_accumulation_steps"], "micro_batches": micro,
         "checkpointing": bool(model_cfg.gradient_checkpointing), "peak_tflops": peak_tflops(device_name)

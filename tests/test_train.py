@@ -148,3 +148,103 @@ def test_two_process_accelerate_launch(tmp_path, run_overrides, prepared_run, sw
     last = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(last))
     assert "of 2 processes" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ the step, without data
+def _tiny(tmp_path, *overrides):
+    from w2vbert_asr.features import BatchFeatureExtractor
+    from w2vbert_asr.model import build_model
+    from w2vbert_asr.text import Vocabulary, build_processor
+
+    processor = build_processor(Vocabulary.build(["habari ya leo watoto"]), tmp_path / "proc")
+    torch.manual_seed(0)
+    model = build_model(compose(["model=tiny", *overrides]).model, processor.tokenizer)
+    return model, BatchFeatureExtractor.from_hf(processor.feature_extractor)
+
+
+def _batch(sample_lengths: list[int], vocab: int, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    waves = torch.zeros(len(sample_lengths), max(sample_lengths))
+    for row, n in zip(waves, sample_lengths):
+        row[:n] = 0.1 * torch.randn(n, generator=g)
+    labels = torch.full((len(sample_lengths), 6), -100)
+    for i, n_labels in enumerate([6, 4, 5, 3][: len(sample_lengths)]):
+        labels[i, :n_labels] = torch.randint(2, vocab, (n_labels,), generator=g)
+    return {"waves": waves, "lengths": torch.tensor(sample_lengths), "labels": labels, "seconds": 1.0}
+
+
+# fbank frames = (samples - 400) // 160 + 1: 100 and 60 frames are even, 81 is odd.
+EVEN_100, EVEN_60, ODD_81 = 400 + 160 * 99, 400 + 160 * 59, 400 + 160 * 80 + 50
+
+
+def test_compute_loss_counts_every_frame_of_a_clip(tmp_path):
+    from w2vbert_asr.model import output_lengths
+    from w2vbert_asr.train import compute_loss, ctc_loss
+
+    model, featurizer = _tiny(tmp_path)
+    model.eval()  # no dropout or SpecAugment: the two losses see the same logits
+    vocab = model.config.vocab_size
+    even = _batch([EVEN_100, EVEN_60], vocab)
+    feats, mask = featurizer(even["waves"], even["lengths"])
+    theirs = model(input_features=feats, attention_mask=mask, labels=even["labels"]).loss
+    assert torch.equal(compute_loss(model, even, featurizer, "cpu"), theirs)  # no odd clip: transformers' loss
+
+    odd = _batch([EVEN_100, ODD_81], vocab)
+    feats, mask = featurizer(odd["waves"], odd["lengths"])
+    out = model(input_features=feats, attention_mask=mask, labels=odd["labels"])
+    frames = output_lengths(odd["lengths"], model.config)
+    masked = model._get_feat_extract_output_lengths(mask.sum(-1))
+    assert frames.tolist() == [masked[0].item(), masked[1].item() + 1]  # the odd clip has one frame more
+    logits = out.logits.detach().requires_grad_()
+    ours = ctc_loss(logits, odd["lengths"], odd["labels"], model.config)
+    assert not torch.allclose(ours, out.loss)
+    ours.backward()
+    last = int(frames[1]) - 1
+    assert logits.grad[1, last].abs().sum() > 0  # the loss reads the clip's last frame ...
+    assert logits.grad[1, last + 1:].abs().sum() == 0  # ... and nothing after it
+
+
+def _accelerator(accum: int):
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True, mixed_precision="no", gradient_accumulation_steps=accum)
+
+
+def _sgd_step(tmp_path, batches: list[dict], accum: int, poison=frozenset()):
+    from w2vbert_asr.train import train_step
+
+    model, featurizer = _tiny(tmp_path, "model.config_overrides.mask_time_prob=0.0")
+    model.eval()  # no dropout: the same gradients whichever way the clips are batched
+    accelerator = _accelerator(accum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = train_step(accelerator, model, optimizer, scheduler, batches, featurizer, max_grad_norm=1e9, poison=poison)
+    accelerator.free_memory()
+    return before, model.state_dict(), out
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    vocab = 8
+    both = _batch([EVEN_100, EVEN_60], vocab)
+    one = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in both.items()}
+    two = {k: (v[1:] if torch.is_tensor(v) else v) for k, v in both.items()}
+    two["waves"] = two["waves"][:, :EVEN_60]
+    _, big, out_big = _sgd_step(tmp_path, [both], accum=1)
+    _, accumulated, out_acc = _sgd_step(tmp_path, [one, two], accum=2)
+    assert out_big.stepped and out_acc.stepped and out_acc.finite == 2
+    # 'mean' CTC: the mean of two 1-clip losses, accumulated as halves, is the 2-clip batch's mean loss.
+    worst = max((big[k] - accumulated[k]).abs().max().item() for k in big)
+    assert worst < 1e-5, worst
+    before, after, _ = _sgd_step(tmp_path, [one, two], accum=2)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_nonfinite_loss_on_the_syncing_micro_batch_drops_the_window(tmp_path):
+    vocab = 8
+    batches = [_batch([EVEN_100], vocab, seed=1), _batch([EVEN_60], vocab, seed=2)]
+    before, after, out = _sgd_step(tmp_path, batches, accum=2, poison=frozenset({1}))
+    assert out.dropped and not out.stepped and (out.finite, out.nonfinite) == (1, 1)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed  # the first micro-batch's gradient was not applied either
