@@ -52,12 +52,25 @@ def test_gradient_checkpointing_gives_same_gradients(tmp_path):
     plain = build_model(compose(overrides).model, tokenizer)
     torch.manual_seed(0)
     ckpt = build_model(compose([*overrides, "model.gradient_checkpointing=true"]).model, tokenizer)
+    assert ckpt.is_activation_checkpointing and not plain.is_activation_checkpointing
     feats, mask = torch.randn(2, 60, 160), torch.ones(2, 60, dtype=torch.long)
     labels = torch.tensor([[3, 4, 5], [6, 7, -100]])
-    for m in (plain, ckpt):
+    layer_calls = {}
+    for name, m in (("plain", plain), ("ckpt", ckpt)):
         m.train()
+        layer_calls[name] = 0
+        m.wav2vec2_bert.encoder.layers[1].ffn1.register_forward_hook(  # inside the checkpointed forward
+            lambda *_, name=name: layer_calls.__setitem__(name, layer_calls[name] + 1))
         torch.manual_seed(1)  # same dropout masks (the Conformer conv module has dropout 0.1)
         m(input_features=feats, attention_mask=mask, labels=labels).loss.backward()
-    g1 = plain.lm_head.weight.grad
-    g2 = ckpt.lm_head.weight.grad
-    assert torch.allclose(g1, g2, atol=1e-5)
+    # Checkpointing really recomputes each Conformer layer (its feed-forward, here) in the backward ...
+    assert layer_calls == {"plain": 1, "ckpt": 2}
+    # ... and the recompute gives the gradients of every encoder layer (not only the head's).
+    ckpt_grads = dict(ckpt.named_parameters())
+    compared = 0
+    for name, p in plain.named_parameters():
+        if ".encoder.layers." in name and p.grad is not None:
+            assert torch.allclose(p.grad, ckpt_grads[name].grad, atol=1e-5, rtol=1e-4), name
+            compared += 1
+    assert compared > 4 * 20  # every layer's weights, not a handful
+    assert torch.allclose(plain.lm_head.weight.grad, ckpt.lm_head.weight.grad, atol=1e-5)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from w2vbert_asr.cli import compose
 from w2vbert_asr.data import PREPARED
-from w2vbert_asr.train import train
+from w2vbert_asr.train import FAULT_ENV, train
 
 
 
@@ -78,8 +78,9 @@ def test_tiny_model_overfits_a_few_clips(tmp_path, run_overrides, sw_corpus):
 
 
 def test_resume_continues_exactly(tmp_path, capsys, run_overrides, prepared_run, sw_corpus):
+    # Logged every 2 steps and stopped at step 3: the window logged at step 4 straddles the stop.
     common = ["train.max_steps=8", "train.eval_steps=100", "train.warmup_steps=2", "train.select_best=false",
-              "train.max_batch_seconds=30"]
+              "train.max_batch_seconds=30", "train.logging_steps=2"]
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     for d in (straight, interrupted):
         _clone_prepared(prepared_run, d)
@@ -92,12 +93,17 @@ def test_resume_continues_exactly(tmp_path, capsys, run_overrides, prepared_run,
     train(compose(run_overrides(interrupted, sw_corpus, *common, "resume=true")))
     assert "resumed from" in capsys.readouterr().out
     log = (interrupted / "train.log").read_text()
-    # Steps 1-3 ran once (before the stop), steps 4-8 once (after resume): nothing was redone.
-    assert [log.count(f' step {i} {{"train/loss"') for i in range(1, 9)] == [1] * 8
+    # Each logged step once (nothing redone), and the running-loss window resumed with the run:
+    # the losses logged, the one straddling the stop included, are the uninterrupted run's.
+    assert [log.count(f' step {i} {{"train/loss"') for i in range(2, 9, 2)] == [1] * 4
+    assert _history(interrupted, "train/loss") == _history(straight, "train/loss")
     a, b = _weights(straight / "model"), _weights(interrupted / "model")
     assert a.keys() == b.keys()
     mismatched = [k for k in a if not torch.equal(a[k], b[k])]
     assert not mismatched, mismatched
+    state = json.loads((interrupted / "checkpoints" / "step-00000008" / "trainer_state.json").read_text())
+    assert state["scheduler"]["last_epoch"] == 8  # the LR scheduler's state travels in trainer_state.json
+    assert not list((interrupted / "checkpoints").rglob("custom_checkpoint_*"))
 
 
 def test_nonfinite_loss_batch_is_skipped(tmp_path, run_overrides, prepared_run, sw_corpus):
@@ -136,18 +142,25 @@ def test_two_process_accelerate_launch(tmp_path, run_overrides, prepared_run, sw
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "w2vbert_asr.cli", "train",
-           *run_overrides(tmp_path, sw_corpus, "train.max_steps=4", "train.eval_steps=2", "train.max_batch_seconds=30")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+           *run_overrides(tmp_path, sw_corpus, "train.max_steps=4", "train.eval_steps=2", "train.max_batch_seconds=30",
+                          "train.gradient_accumulation_steps=2")]
+    # Step 2's syncing micro-batch (the second of its window) has a NaN loss on rank 1 only: every rank
+    # must drop that window, or each would step on its own un-reduced gradients and the replicas drift.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "nonfinite@2:1:1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) >= 1
-    state = json.loads(sorted((tmp_path / "checkpoints").glob("step-*"))[-1].joinpath("trainer_state.json").read_text())
-    assert state["step"] == 4
-    # Both ranks saved their RNG state (so a resumed 2-process run continues each stream).
     last = sorted((tmp_path / "checkpoints").glob("step-*"))[-1]
+    state = json.loads(last.joinpath("trainer_state.json").read_text())
+    assert state["step"] == 4
+    assert (state["nonfinite_losses"], state["dropped_windows"]) == (1, 1)
+    # Both ranks saved their RNG state (so a resumed 2-process run continues each stream), each its own.
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(last))
     assert "of 2 processes" in proc.stdout
+    assert "(seed 42)" in proc.stdout and "(seed 43)" in proc.stdout  # own dropout/SpecAugment stream per rank
+    # Every rank ends with the same weights (a digest of each rank's weights, gathered at the end).
+    assert "weights identical on all 2 processes" in proc.stdout, proc.stdout[-3000:]
 
 
 # ------------------------------------------------------------------------------ the step, without data
@@ -248,3 +261,64 @@ def test_nonfinite_loss_on_the_syncing_micro_batch_drops_the_window(tmp_path):
     assert out.dropped and not out.stepped and (out.finite, out.nonfinite) == (1, 1)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, changed  # the first micro-batch's gradient was not applied either
+
+
+# ------------------------------------------------------------------------------ checkpoints kept
+def _fake_checkpoints(root: Path, steps: list[int]) -> None:
+    for step in steps:
+        (root / f"step-{step:08d}").mkdir(parents=True)
+        (root / f"step-{step:08d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+
+
+def _kept(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_prune_keeps_the_newest_and_the_best_with_ties(tmp_path):
+    from w2vbert_asr.train import _latest_checkpoint, _prune
+
+    # WER and CER tie at 1.0 early on; a tie keeps the earlier checkpoint as the best (step 20).
+    root, best = tmp_path / "checkpoints", 20
+    for step in (20, 40, 60):
+        _fake_checkpoints(root, [step])
+        _prune(root, keep=1, best_step=best)
+        assert _latest_checkpoint(root).name == f"step-{step:08d}"  # what stop_at_step / a kill resumes from
+    assert _kept(root) == ["step-00000020", "step-00000060"]  # keep=1 leaves two folders: best + newest
+    _prune(root, keep=1, best_step=60)  # the best is the newest: one folder
+    assert _kept(root) == ["step-00000060"]
+    _fake_checkpoints(root, [80, 100, 120])
+    (root / "step-00000140.tmp").mkdir()  # a save killed half-way: never trusted, removed on the next prune
+    (root / "step-00000160").mkdir()  # no trainer_state.json: not complete, never resumed from
+    _prune(root, keep=2, best_step=60)
+    assert _kept(root) == ["step-00000060", "step-00000100", "step-00000120", "step-00000160"]
+    assert _latest_checkpoint(root).name == "step-00000120"
+
+
+def test_select_best_exports_an_older_best_checkpoint(tmp_path, monkeypatch, caplog, run_overrides, prepared_run,
+                                                      sw_corpus):
+    import w2vbert_asr.train as train_module
+
+    _clone_prepared(prepared_run, tmp_path)
+    real_score = train_module.score
+    wers = iter([0.5, 0.9])  # step 2 is the best, step 4 (the last) is worse
+
+    def score(dataset, hyps, normalizer):
+        metrics, rows = real_score(dataset, hyps, normalizer)
+        return {**metrics, "wer": next(wers), "cer": 0.5}, rows
+
+    monkeypatch.setattr(train_module, "score", score)
+    # From scratch at a fine-tuning learning rate: warned, naming the demo recipe's rate.
+    result = train(compose(run_overrides(tmp_path, sw_corpus, "train.max_steps=4", "train.eval_steps=2",
+                                         "train.warmup_steps=1", "train.max_batch_seconds=20",
+                                         "train.gradient_accumulation_steps=2", "train.learning_rate=5e-5",
+                                         "train.save_total_limit=1", "train.select_best=true")))
+    assert any("recipes/demo.yaml" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    assert result["steps"] == 4
+    root = tmp_path / "checkpoints"
+    assert _kept(root) == ["step-00000002", "step-00000004"]  # keep=1: the best and the newest
+    exported = _weights(tmp_path / "model")
+    best, last = _weights(root / "step-00000002"), _weights(root / "step-00000004")
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
+    assert any(not torch.equal(best[k], last[k]) for k in best)  # the reload really changed the weights
+    state = json.loads((root / "step-00000004" / "trainer_state.json").read_text())
+    assert state["best_step"] == 2 and state["scheduler"]["last_epoch"] == 4  # 4 optimizer steps of 2 micro-batches
