@@ -188,3 +188,50 @@ def test_full_disk_in_checkpoint_save(tmp_path, monkeypatch, stopped_at_2, run_o
     if failure == "enospc":  # space freed: the run continues from the last good checkpoint
         monkeypatch.undo()
         assert train(compose([*overrides, "resume=true"]))["steps"] == 4
+
+
+def test_full_disk_in_export(tmp_path, monkeypatch, stopped_at_2, run_overrides, sw_corpus):
+    import transformers.modeling_utils
+
+    _copy_run(stopped_at_2, tmp_path)
+    overrides = run_overrides(tmp_path, sw_corpus, *COMMON)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full_disk)
+    with pytest.raises(UsageError) as err:
+        train(compose([*overrides, "resume=true"]))
+    message = str(err.value)
+    assert "disk full" in message and str(tmp_path) in message and "free" in message
+    assert "resume=true" in message and "step-00000004" in message  # training is safe in the last checkpoint
+    assert not (tmp_path / "model.tmp").exists() and not (tmp_path / "model").exists()
+    monkeypatch.undo()
+    assert train(compose([*overrides, "resume=true"]))["steps"] == 4  # resume goes straight to the export
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+
+
+def _launch_two(out: Path, run_overrides, corpus, *extra: str):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "w2vbert_asr.cli", "train", *run_overrides(out, corpus, *COMMON, *extra)]
+    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_two_process_stop_and_resume_is_exact(tmp_path, run_overrides, prepared_run, sw_corpus):
+    """Each rank has its own dropout/SpecAugment stream (seed + rank) and its own saved RNG state:
+    a 2-process run stopped and resumed ends byte-identical to the uninterrupted 2-process run."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    for d in (straight, interrupted):
+        _clone_prepared(prepared_run, d)
+    _launch_two(straight, run_overrides, sw_corpus, "train.stop_at_step=null")
+    _launch_two(interrupted, run_overrides, sw_corpus, "train.stop_at_step=3")
+    out = _launch_two(interrupted, run_overrides, sw_corpus, "resume=true")
+    assert "at step 3" in out and "weights identical on all 2 processes" in out
+    assert ((straight / "model" / "model.safetensors").read_bytes()
+            == (interrupted / "model" / "model.safetensors").read_bytes())

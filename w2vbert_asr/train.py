@@ -558,9 +558,11 @@ def _check_replicas(accelerator: Accelerator, model) -> None:
     digest = hashlib.sha256()
     for name, t in sorted(extract_model_from_parallel(model).state_dict().items()):
         digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     mine = torch.tensor([int.from_bytes(digest.digest()[:7], "big")], device=accelerator.device)
     every = [f"{int(x):014x}" for x in accelerator.gather(mine).tolist()]
+    if not accelerator.is_main_process:
+        return
     if len(set(every)) == 1:
         print(f"weights identical on all {len(every)} processes (digest {every[0]})")
     else:
