@@ -235,3 +235,23 @@ def test_two_process_stop_and_resume_is_exact(tmp_path, run_overrides, prepared_
     assert "at step 3" in out and "weights identical on all 2 processes" in out
     assert ((straight / "model" / "model.safetensors").read_bytes()
             == (interrupted / "model" / "model.safetensors").read_bytes())
+
+
+def test_planted_checkpoint_metadata_is_never_executed(tmp_path):
+    """FSDP's sharded checkpoints keep a .metadata that torch.distributed.checkpoint reads with plain
+    pickle: resume reads it first through an allow-list of the globals real metadata names."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from w2vbert_asr.train import check_checkpoint_files
+
+    ckpt = tmp_path / "step-00000002"
+    state = {"model.w": torch.randn(3, 4), "model.b": torch.zeros(2, dtype=torch.bfloat16), "step": torch.tensor(3)}
+    dcp.save(state, checkpoint_id=str(ckpt / "pytorch_model_fsdp_0"))
+    check_checkpoint_files(ckpt, 1, 0)  # the real thing passes
+    marker = tmp_path / "payload-ran"
+    (ckpt / "pytorch_model_fsdp_0" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UsageError, match="metadata"):
+        check_checkpoint_files(ckpt, 1, 0)
+    assert not marker.exists()

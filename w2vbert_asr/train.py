@@ -478,24 +478,65 @@ def save_checkpoint(s: Session, state: TrainerState) -> Path:
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> None:
-    """accelerate.load_state(path), refusing anything that could run code: a pickle we do not write, or
-    a torch.save file that torch.load(weights_only=True) rejects. (accelerate would unpickle
-    custom_checkpoint_*.pkl with weights_only=False, and silently skip RNG states it cannot load.)"""
-    from accelerate.utils.other import load as weights_only_load
-
-    ours = {f"random_states_{i}.pkl" for i in range(accelerator.num_processes)}
-    foreign = sorted(p.name for p in path.rglob("*.pkl") if p.name not in ours)
-    if foreign:
-        raise UsageError(f"{path} holds {', '.join(foreign)}: this toolkit never writes such pickles and will not "
-                         "load one (it could run code); delete that checkpoint folder to resume from an older one")
-    rng = path / f"random_states_{accelerator.process_index}.pkl"
+    """accelerate.load_state(path), refusing anything that could run code (see `check_checkpoint_files`)."""
+    check_checkpoint_files(path, accelerator.num_processes, accelerator.process_index)
     try:
-        if rng.exists():
-            weights_only_load(rng)  # accelerate itself would swallow this failure and resume inexactly
         accelerator.load_state(str(path), load_kwargs={"weights_only": True})
     except pickle.UnpicklingError as e:
         raise UsageError(f"{path}: a file holds more than tensors and plain data, and torch.load(weights_only=True)"
                          f" refused it ({str(e).splitlines()[0]}); delete that checkpoint folder") from e
+
+
+# torch.distributed.checkpoint (FSDP's sharded state) reads its .metadata with plain pickle.load; these are
+# the globals a real one names (its dataclasses, dtypes, torch.Size, a layout lookup, a path).
+_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Loads a DCP .metadata file only if it names nothing but the globals above."""
+
+    def find_class(self, module, name):
+        allowed = (module in _DCP_MODULES or (module, name) in _DCP_GLOBALS
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if allowed:
+            found = super().find_class(module, name)
+            if module not in _DCP_MODULES or isinstance(found, type):
+                return found
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def check_checkpoint_files(path: Path, num_processes: int, process_index: int) -> None:
+    """Refuse (UsageError) a checkpoint that could run code on resume:
+    - a pickle this toolkit does not write (custom_checkpoint_*.pkl: accelerate unpickles registered
+      objects with weights_only=False);
+    - this process's random_states_<rank>.pkl if torch.load(weights_only=True) rejects it (accelerate
+      would swallow that failure and resume with fresh RNG streams, inexactly);
+    - a torch.distributed.checkpoint .metadata file (FSDP, read with plain pickle) naming other globals.
+    optimizer.bin and scaler.pt are loaded by accelerate with weights_only=True (see load_checkpoint)."""
+    from accelerate.utils.other import load as weights_only_load
+
+    ours = {f"random_states_{i}.pkl" for i in range(num_processes)}
+    foreign = sorted(p.name for p in path.rglob("*.pkl") if p.name not in ours)
+    if foreign:
+        raise UsageError(f"{path} holds {', '.join(foreign)}: this toolkit never writes such pickles and will not "
+                         "load one (it could run code); delete that checkpoint folder to resume from an older one")
+    rng = path / f"random_states_{process_index}.pkl"
+    for meta in [p for p in path.rglob("*") if p.name.endswith(".metadata") and p.is_file()]:
+        try:
+            with open(meta, "rb") as f:
+                _MetadataUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+            raise UsageError(f"{meta} is not plain checkpoint metadata ({e}); refusing to load it: delete that "
+                             "checkpoint folder") from e
+    try:
+        if rng.exists():
+            weights_only_load(rng)
+    except pickle.UnpicklingError as e:
+        raise UsageError(f"{path}: {rng.name} holds more than tensors and plain data, and "
+                         f"torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}); delete that "
+                         "checkpoint folder") from e
 
 
 def _latest_checkpoint(ckpt_root: Path) -> Path | None:
