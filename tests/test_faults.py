@@ -237,6 +237,7 @@ def test_two_process_stop_and_resume_is_exact(tmp_path, run_overrides, prepared_
             == (interrupted / "model" / "model.safetensors").read_bytes())
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in one process, on purpose
 def test_planted_checkpoint_metadata_is_never_executed(tmp_path):
     """FSDP's sharded checkpoints keep a .metadata that torch.distributed.checkpoint reads with plain
     pickle: resume reads it first through an allow-list of the globals real metadata names."""
