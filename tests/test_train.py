@@ -129,8 +129,10 @@ def test_nonfinite_loss_batch_is_skipped(tmp_path, run_overrides, prepared_run, 
         w.finalize()
     os.replace(tmp, train_file)
     result = train(compose(run_overrides(tmp_path, sw_corpus, f"train.max_steps={steps}", "train.eval_steps=100",
-                                         "train.max_batch_size=1", "train.max_batch_seconds=30", "seed=42")))
+                                         "train.max_batch_size=1", "train.max_batch_seconds=30", "seed=42",
+                                         "+push.hub_token=hf_never_written")))
     assert result["nonfinite_losses"] == expected
+    assert "hf_never_written" not in (tmp_path / "config.yaml").read_text()  # secrets are redacted
     weights = _weights(tmp_path / "model")
     assert all(torch.isfinite(w).all() for w in weights.values())
 

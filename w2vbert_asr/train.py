@@ -50,7 +50,8 @@ from .data import PROCESSOR, load_prepared, prepare
 from .evaluate import decode_dataset, evaluate_model, greedy_decoder, score
 from .features import BatchFeatureExtractor, pad_waves
 from .model import build_model, output_lengths
-from .storage import atomic_write_json, disk_full_guard, free_bytes, human_bytes
+from .redact import config_yaml
+from .storage import atomic_write_json, atomic_write_text, disk_full_guard, free_bytes, human_bytes
 from .text import Normalizer
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,7 @@ def setup(cfg: DictConfig, handler_box: list) -> Session:
         out.mkdir(parents=True, exist_ok=True)
         handler_box.append(_setup_logging(out / "train.log"))
         prepare(cfg)
-        (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(out / "config.yaml", config_yaml(cfg))  # secrets redacted
         _warn_learning_rate(cfg)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)  # the same initial weights on every process
