@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--attn", default="eager", help="model.attn_implementation")
+    p.add_argument("--bf16", action="store_true", help="forward under bf16 autocast (train.mixed_precision=bf16)")
+    p.add_argument("--adamw", choices=["fused", "foreach", "for_loop"], default="fused",
+                   help="AdamW implementation (train.adamw_impl)")
     p.add_argument("--top", type=int, default=12, help="aten operators listed by self time")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--hf-batch-size", type=int, default=19)
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     from w2vbert_asr.data import load_prepared
     from w2vbert_asr.features import BatchFeatureExtractor
     from w2vbert_asr.model import attach_padding_hooks, output_lengths
-    from w2vbert_asr.train import Collator
+    from w2vbert_asr.train import ADAMW_IMPLS, Collator
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=2e-3, betas=(0.9, 0.98), eps=1e-8)
+                                  lr=2e-3, betas=(0.9, 0.98), eps=1e-8, **ADAMW_IMPLS[args.adamw])
     cfg = model.config
 
     def batches():
@@ -119,8 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
             batch = next(it)
         with record_function("features"):
             feats, mask = featurizer(batch["waves"], batch["lengths"])
-        with record_function("forward"):
-            logits = model(input_features=feats, attention_mask=mask).logits
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(input_features=feats, attention_mask=mask).logits.float()
         with record_function("ctc"):
             labels = batch["labels"]
             valid = labels >= 0
@@ -179,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     for e in ops[: args.top]:
         print(f"  {e.key:<40} {e.self_cpu_time_total / 1e3 / args.steps:8.1f}  ({e.count // args.steps} calls)")
     print(f"command: python benchmarks/profile_step.py {shlex.join(argv)}".rstrip())
-    result = {"arch": args.arch, "threads": args.threads, "step_ms": step_ms, "audio_per_step": audio / args.steps,
+    result = {"arch": args.arch, "threads": args.threads, "bf16": args.bf16, "step_ms": step_ms, "audio_per_step": audio / args.steps,
               "rows": rows, "aten_ms": op_ms}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -160,10 +160,18 @@ def _reference_features(train, processor, out: Path) -> None:
 # ----------------------------------------------------------------------------------------- one run
 def _stamp_steps() -> list[float]:
     """Wall-clock time after every optimizer step of any torch optimizer in this process."""
+    import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     stamps: list[float] = []
-    register_optimizer_step_post_hook(lambda *_: stamps.append(time.perf_counter()))
+    cuda = torch.cuda.is_available()
+
+    def stamp(*_):
+        if cuda:  # the step's kernels finished, not just queued (both sides alike)
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    register_optimizer_step_post_hook(stamp)
     return stamps
 
 
@@ -225,7 +233,7 @@ def run_reference(args, setup: dict, run_dir: Path) -> dict:
         adam_epsilon=tcfg.adam_eps,
         max_grad_norm=tcfg.max_grad_norm,
         seed=args.seed,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         save_strategy="no",        # matched: no checkpoint inside the clock on either side
         eval_strategy="no",
         report_to="none",
@@ -332,7 +340,10 @@ def run_child(side: str, args, argv_extra: list[str], repeat: int) -> dict:
     result_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--run-dir", str(run_dir),
            "--result", str(result_file), *argv_extra]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+    env = dict(os.environ)
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on the CPU even where a GPU is present
+    env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), TOKENIZERS_PARALLELISM="false")
     log_file = work / "runs" / f"{args.arch}-{side}-{repeat}.log"
     t0 = time.perf_counter()
@@ -354,6 +365,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (the demo recipe's 600)")
     p.add_argument("--repeats", type=int, default=2, help="alternated pairs of runs; medians are reported")
     p.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of every run")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where both sides train (ours: accelerate's choice with the YAML's mixed_precision; "
+                        "the reference: fp32, as the script's defaults)")
     p.add_argument("--hf-batch-size", type=int, default=19, help="the reference's clips per step")
     p.add_argument("--max-batch-size", type=int, default=32, help="our cap on clips per batch")
     p.add_argument("--skip-steps", type=int, default=20, help="first steps left out of the clock on both sides")
@@ -381,7 +395,7 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"max_batch_seconds {setup['max_batch_seconds']:g} -> same steps/epoch")
     passthrough = ["--arch", args.arch, "--steps", str(args.steps), "--threads", str(args.threads),
                    "--hf-batch-size", str(args.hf_batch_size), "--max-batch-size", str(args.max_batch_size),
-                   "--seed", str(args.seed), "--work-dir", str(work)]
+                   "--seed", str(args.seed), "--work-dir", str(work), "--device", args.device]
     if args.ours:
         passthrough += ["--ours", *args.ours]
     sides = [args.only] if args.only else ["ours", "reference"]

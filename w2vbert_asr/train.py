@@ -65,6 +65,8 @@ FROM_SCRATCH_MIN_LR = 1e-4
 #                                                  inside the write of checkpoint N, inside the export)
 #   nonfinite@N:K:R                               the loss of micro-batch K (0-based) of step N on rank R is NaN
 FAULT_ENV = "W2VBERT_ASR_TEST_FAULT"
+# train.adamw_impl -> torch.optim.AdamW arguments
+ADAMW_IMPLS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "for_loop": {"foreach": False}}
 
 
 @dataclass
@@ -231,6 +233,12 @@ def train(cfg: DictConfig) -> dict:
         for handler in handler_box:
             logging.getLogger("w2vbert_asr").removeHandler(handler)
             handler.close()
+        # accelerate keeps the mixed precision in a process-wide singleton and refuses any other value for
+        # later Accelerators: a notebook or test that trains (bf16 on a bf16 CPU) and then builds its own
+        # Accelerator(mixed_precision="no") must not fail. The process group (PartialState) stays.
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
 
 
 def run(cfg: DictConfig, handler_box: list) -> dict:
@@ -619,7 +627,17 @@ def _mixed_precision(setting: str) -> str:
     if torch.cuda.is_available():
         # Emulated bf16 (e.g. V100) is slow: only native support counts.
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    return "no"
+    # CPU: bf16 autocast only where the cores multiply bf16 natively (AVX-512 BF16 or AMX): there oneDNN's
+    # bf16 matrix multiplies run 2-3x faster than fp32 ones, the tiny demo step ~1.8x (benchmarks/README.md).
+    # Elsewhere bf16 is emulated and slower than fp32.
+    return "bf16" if cpu_native_bf16() else "no"
+
+
+def cpu_native_bf16() -> bool:
+    """Does this CPU have bf16 dot-product instructions (AVX-512 BF16 or AMX tiles)?"""
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
 
 
 def _optimizer(model, tcfg) -> torch.optim.Optimizer:
@@ -629,9 +647,13 @@ def _optimizer(model, tcfg) -> torch.optim.Optimizer:
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = torch.cuda.is_available()  # one kernel for all parameters: faster on GPU, unavailable on CPU builds
+    impl = str(tcfg.get("adamw_impl", "fused"))
+    if impl not in ADAMW_IMPLS:
+        raise UsageError(f"train.adamw_impl={impl!r}: use one of {', '.join(ADAMW_IMPLS)}")
+    # fused: one kernel over all parameters (CUDA and CPU); foreach: one op per step for all tensors;
+    # for_loop: one op per tensor (torch's CPU default). Same update up to rounding.
     return torch.optim.AdamW(groups, lr=tcfg.learning_rate, betas=tuple(tcfg.adam_betas), eps=tcfg.adam_eps,
-                             fused=fused)
+                             **ADAMW_IMPLS[impl])
 
 
 def _warn_learning_rate(cfg: DictConfig) -> None:
