@@ -46,13 +46,14 @@ def test_adamw_impl_switch_builds_that_optimizer_and_refuses_others():
         train_mod._optimizer(model, _tcfg(adamw_impl="adam8bit"))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU branch of mixed_precision=auto")
-def test_mixed_precision_auto_on_cpu_follows_native_bf16(monkeypatch):
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU branch of mixed_precision")
+def test_mixed_precision_on_cpu(monkeypatch, caplog):
     monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: True)
-    assert train_mod._mixed_precision("auto") == "bf16"
+    assert train_mod._mixed_precision("auto") == "no"  # bf16 on CPU is opt-in
+    assert train_mod._mixed_precision("bf16") == "bf16" and "emulated" not in caplog.text
     monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: False)
-    assert train_mod._mixed_precision("auto") == "no"
-    assert train_mod._mixed_precision("no") == "no"  # an explicit setting wins
+    assert train_mod._mixed_precision("bf16") == "bf16"  # as asked, with a warning
+    assert "emulated" in caplog.text
 
 
 @pytest.fixture(scope="module")
