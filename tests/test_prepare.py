@@ -12,7 +12,7 @@ import soundfile as sf
 
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import load_prepared, prepare
+from w2vbert_asr.data import AudioError, load_audio, load_prepared, prepare, to_float
 from w2vbert_asr.testing import make_faulty_release
 
 
@@ -52,7 +52,10 @@ def test_faulty_release_every_bad_row_counted_under_its_reason(tmp_path, faulty_
     ids = set(train["id"])
     assert {"common_voice_sw_faulty_bare_quote", "common_voice_sw_faulty_nfd"} <= ids
     assert all(unicodedata.is_normalized("NFC", t) for t in train["text"])
-    assert train[0]["audio"].dtype == np.float32
+    # Stored as int16 PCM; read back as float32 in [-1, 1).
+    assert train.features["audio"].feature.dtype == "int16"
+    wave = to_float(train[0]["audio"])
+    assert wave.dtype == np.float32 and 0 < np.abs(wave).max() < 1
 
 
 def test_unseen_language_non_latin_script_with_zero_code(tmp_path):
@@ -82,9 +85,12 @@ def test_prepare_is_cached_and_refreshes_when_text_rules_change(tmp_path, sw_cor
     assert (tmp_path / "prepared" / "DONE").read_text() != stamp
 
 
-def test_empty_split_stops_with_a_clear_message(tmp_path, sw_corpus):
-    with pytest.raises(UsageError, match="no usable rows"):
+def test_empty_split_stops_with_a_clear_message_after_writing_the_report(tmp_path, sw_corpus):
+    with pytest.raises(UsageError, match="no usable rows.*prepare_report.json"):
         prepare(_cfg(tmp_path, sw_corpus, "lang=sw", "data.min_duration=25"))
+    report = json.loads((tmp_path / "prepare_report.json").read_text())  # the file the error points at
+    assert report["splits"]["train"]["skipped"]["duration"] == report["splits"]["train"]["rows"] > 0
+    assert not (tmp_path / "prepared" / "DONE").exists()
 
 
 def test_missing_release_folder_message(tmp_path):
@@ -156,16 +162,76 @@ def test_hf_dataset_source_decodes_without_torchcodec(tmp_path, sw_corpus):
     assert set(report["splits"]) == {"train", "validation", "test"}
 
 
-def test_manifest_row_escaping_root_is_refused(tmp_path, sw_corpus):
-    outside = tmp_path / "outside.wav"
-    sf.write(outside, np.zeros(16000, dtype=np.float32), 16000)
-    files = _write_manifest_corpus(sw_corpus, tmp_path)
-    with open(files["train"], "a", newline="") as f:
-        csv.writer(f).writerow([str(outside), "habari"])
-    cfg = compose(["data=manifest", "lang=sw", f"output_dir={tmp_path / 'out'}", f"data.root={sw_corpus}",
-                   *(f"data.files.{s}={p}" for s, p in files.items())])
-    report = prepare(cfg)
-    assert report["splits"]["train"]["skipped"] == {"path_escape": 1}
+def _small_release(corpus, root, rows=(12, 3, 3)):
+    """A Common Voice folder with the first rows of each split of `corpus`; clips/ is a real folder whose
+    clips are symlinks into `corpus` (outside this release). -> {split: [(clip name, sentence)]}"""
+    (root / "clips").mkdir(parents=True)
+    kept = {}
+    for split, n in zip(("train", "dev", "test"), rows):
+        lines = (corpus / f"{split}.tsv").read_text().splitlines()
+        (root / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n")
+        header = lines[0].split("\t")
+        kept[split] = [(r[header.index("path")], r[header.index("sentence")])
+                       for r in (line.split("\t") for line in lines[1 : n + 1])]
+        for name, _ in kept[split]:
+            (root / "clips" / name).symlink_to(corpus / "clips" / name)
+    return kept
+
+
+def test_manifest_paths_absolute_dotdot_and_symlinked_clips_folder(tmp_path, sw_corpus):
+    """Manifests are the user's own layout: absolute paths, `../` paths and a clips folder that is a symlink
+    are all read (they were all refused as path_escape)."""
+    rows = _small_release(sw_corpus, tmp_path / "cv")
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    (manifests / "clips").symlink_to(sw_corpus / "clips", target_is_directory=True)
+    styles = [lambda n: str(sw_corpus / "clips" / n), lambda n: f"../cv/clips/{n}", lambda n: f"clips/{n}"]
+    files = {}
+    for split, items in rows.items():
+        files[split] = manifests / f"{split}.csv"
+        with open(files[split], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "text"])
+            w.writerows((styles[i % 3](name), text) for i, (name, text) in enumerate(items))
+    report = prepare(compose(["data=manifest", "lang=sw", f"output_dir={tmp_path / 'out'}",
+                              *(f"data.files.{s}={p}" for s, p in files.items())]))
+    for split, items in rows.items():
+        assert report["splits"][split] | {"skipped": {}} == report["splits"][split], report["splits"][split]
+        assert report["splits"][split]["kept"] == len(items)
+
+
+def test_commonvoice_guard_compares_normalised_paths_and_keeps_symlinked_clips(tmp_path, sw_corpus):
+    """In a Common Voice folder a path is a name inside clips/: `a/../b` is fine, `../x` and absolute paths
+    are refused, and clips that are symlinks to files elsewhere are read (no symlink resolution)."""
+    root = tmp_path / "cv"
+    rows = _small_release(sw_corpus, root)
+    name, text = rows["train"][0]
+    extra = [f"nothing/../{name}", "../train.tsv", str(sw_corpus / "clips" / name)]
+    header = (root / "train.tsv").read_text().splitlines()[0].split("\t")
+    with open(root / "train.tsv", "a") as f:
+        for path in extra:
+            f.write("\t".join({"path": path, "sentence": text}.get(c, "") for c in header) + "\n")
+    report = prepare(_cfg(tmp_path / "out", root, "lang=sw"))
+    train = report["splits"]["train"]
+    assert train["kept"] == len(rows["train"]) + 1
+    assert train["skipped"] == {"path_escape": 2}
+    assert [e["row"] for e in train["examples"]["path_escape"]] == [len(rows["train"]) + 3, len(rows["train"]) + 4]
+
+
+def test_unreadable_audio_is_named_empty_or_undecodable(tmp_path):
+    """libsndfile calls an empty or cut MP3 "File does not exist"; load_audio names the file and says what
+    is wrong with it instead (transcribe uses the same function)."""
+    good = tmp_path / "good.mp3"
+    sf.write(good, np.sin(np.arange(48_000) / 7).astype(np.float32) * 0.3, 48_000, format="MP3")
+    (tmp_path / "empty.mp3").write_bytes(b"")
+    (tmp_path / "cut.mp3").write_bytes(good.read_bytes()[:200])
+    for name in ("empty.mp3", "cut.mp3"):
+        with pytest.raises(AudioError, match="empty or undecodable") as e:
+            load_audio(tmp_path / name)
+        assert name in str(e.value) and "does not exist" not in str(e.value)
+    with pytest.raises(AudioError, match="no such file"):
+        load_audio(tmp_path / "missing.mp3")
+    assert load_audio(good).shape == (16_000,)
 
 
 def test_train_merges_several_source_splits(tmp_path, sw_corpus):
@@ -177,3 +243,29 @@ def test_train_merges_several_source_splits(tmp_path, sw_corpus):
     train = load_prepared(tmp_path, "train")
     assert len(train) == report["splits"]["train"]["kept"] == rows
     assert not list((tmp_path / "prepared").glob("*.tmp"))
+
+
+def test_output_and_report_identical_whatever_num_proc(tmp_path, faulty_release, monkeypatch):
+    """Parallel decoding changes nothing on disk: same Arrow bytes, same skip counts and examples in order.
+    Small chunks put many of them in flight at once, so results come back out of order."""
+    from w2vbert_asr import data
+
+    monkeypatch.setattr(data, "CHUNK_ROWS", 2)
+    root, _ = faulty_release
+    outs = {n: tmp_path / f"np{n}" for n in (1, 2)}
+    reports = {n: prepare(_cfg(out, root, "lang=sw", f"data.num_proc={n}")) for n, out in outs.items()}
+    assert reports[1] == reports[2]
+    assert sum(sum(s["skipped"].values()) for s in reports[1]["splits"].values()) > 0
+    for name in ("prepare_report.json", "prepared/train.arrow", "prepared/dev.arrow", "prepared/test.arrow"):
+        assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+
+
+def test_num_proc_auto_uses_the_available_cores():
+    import os
+
+    from w2vbert_asr.data import num_processes
+
+    assert num_processes("auto") == len(os.sched_getaffinity(0))
+    assert num_processes(3) == 3
+    with pytest.raises(UsageError, match="num_proc"):
+        num_processes(0)
