@@ -59,11 +59,11 @@ def trained_model_dir(tmp_path_factory, prepared_run, run_overrides):
 def test_model_dir_loads_in_plain_transformers_pipeline(trained_model_dir):
     from transformers import pipeline
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.data import load_prepared, to_float
 
     asr = pipeline("automatic-speech-recognition", model=str(trained_model_dir / "model"), device="cpu")
     clip = load_prepared(trained_model_dir, "test")[0]
-    out = asr({"raw": np.asarray(clip["audio"]), "sampling_rate": 16000})
+    out = asr({"raw": to_float(clip["audio"]), "sampling_rate": 16000})
     assert isinstance(out["text"], str)
 
 

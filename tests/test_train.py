@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import PREPARED
+from w2vbert_asr.data import PREPARED, to_float
 from w2vbert_asr.train import FAULT_ENV, train
 
 
@@ -117,13 +117,15 @@ def test_nonfinite_loss_batch_is_skipped(tmp_path, run_overrides, prepared_run, 
     first = DurationBatchSampler(ds["duration"], 30, 1, seed=42).rank_batches(0)[:steps]
     expected = sum(b[0] in bad for b in first)
     assert 0 < expected < steps
-    poisoned = ds.map(lambda ex, i: {"audio": [float("nan")] * len(ex["audio"]) if i in bad else ex["audio"]},
-                      with_indices=True, features=ds.features)
+    # Prepared audio is int16, which has no NaN: the poisoned file stores float audio (to_float passes it on).
+    features = datasets.Features({**ds.features, "audio": datasets.List(datasets.Value("float32"))})
+    poisoned = ds.map(lambda ex, i: {"audio": [float("nan")] * len(ex["audio"]) if i in bad else to_float(ex["audio"])},
+                      with_indices=True, features=features)
     poisoned.to_pandas()  # materialise before overwriting the file it maps
     tmp = tmp_path / "poisoned.arrow"
     from datasets.arrow_writer import ArrowWriter
 
-    with ArrowWriter(features=ds.features, path=str(tmp)) as w:
+    with ArrowWriter(features=features, path=str(tmp)) as w:
         for row in poisoned:
             w.write(row)
         w.finalize()

@@ -34,6 +34,7 @@ from omegaconf import DictConfig
 from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from . import UsageError
+from .data import waves_of
 from .evaluate import _device_name, print_table, score, write_results
 from .text import Normalizer
 
@@ -169,7 +170,7 @@ def transcribe_dataset(model, processor, dataset, batch_size: int, generate_kwar
     start = time.perf_counter()
     for b in range(0, len(order), batch_size):
         idx = [int(i) for i in order[b:b + batch_size]]
-        waves = [np.asarray(dataset[i]["audio"], dtype=np.float32) for i in idx]
+        waves = waves_of(dataset[i]["audio"] for i in idx)  # int16 PCM -> float32
         long_form = max(len(w) for w in waves) > CHUNK_SECONDS * fe.sampling_rate
         # Short form: every clip padded to the 30 s window (3000 frames), as Whisper was trained.
         feats = fe(waves, sampling_rate=fe.sampling_rate, return_tensors="pt", return_attention_mask=True,

@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 
 from . import UsageError
 from .batching import DurationBatchSampler
+from .data import waves_of
 from .features import BatchFeatureExtractor, pad_waves
 from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
 from .storage import atomic_write_json, atomic_write_text
@@ -76,7 +77,7 @@ def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Ca
     start = time.perf_counter()
     for b in mine:
         idx = padded[b]
-        waves, lengths = pad_waves(list(dataset[idx]["audio"]))  # one Arrow read per batch
+        waves, lengths = pad_waves(waves_of(dataset[idx]["audio"]))  # one Arrow read per batch; int16 -> float32
         feats, mask = featurizer(waves.to(device), lengths.to(device))
         logits = model(input_features=feats, attention_mask=mask).logits
         out_lengths = output_lengths(lengths, _unwrap(model).config)

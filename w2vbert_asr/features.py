@@ -81,7 +81,11 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
         else:
             with warnings.catch_warnings():  # read-only arrays (memory-mapped datasets) are only read here
                 warnings.simplefilter("ignore", UserWarning)
-                t = torch.from_numpy(np.asarray(wave, dtype=np.float32))
+                a = np.asarray(wave)
+                t = torch.from_numpy(a if a.dtype.kind in "iu" else a.astype(np.float32, copy=False))
+        if not t.is_floating_point():  # int16 PCM read as float would be 32768 times too loud
+            raise TypeError(f"wave {i} is {t.dtype}; pass float waves in [-1, 1] (prepared int16 audio: "
+                            "w2vbert_asr.data.to_float / waves_of)")
         if t.dim() != 1:
             raise ValueError(f"wave {i} has shape {tuple(t.shape)}; expected a 1-D mono waveform (mix down first)")
         tensors.append(t)

@@ -46,7 +46,7 @@ from transformers import Wav2Vec2BertProcessor, get_scheduler
 
 from . import UsageError
 from .batching import DurationBatchSampler
-from .data import PROCESSOR, load_prepared, prepare
+from .data import PROCESSOR, load_prepared, prepare, waves_of
 from .evaluate import decode_dataset, evaluate_model, greedy_decoder, score
 from .features import BatchFeatureExtractor, pad_waves
 from .model import build_model, output_lengths
@@ -141,7 +141,7 @@ class Collator:
         self.tokenizer = tokenizer
 
     def __call__(self, examples: list[dict]) -> dict:
-        waves, lengths = pad_waves([e["audio"] for e in examples])
+        waves, lengths = pad_waves(waves_of(e["audio"] for e in examples))  # int16 PCM -> float32
         ids = self.tokenizer([str(e["text"]) for e in examples]).input_ids
         labels = torch.full((len(ids), max(map(len, ids))), IGNORE_INDEX, dtype=torch.long)
         for row, seq in zip(labels, ids):
