@@ -157,7 +157,7 @@ def to_float(audio) -> np.ndarray:
     (datasets built in memory, older files) passes through. Every reader of the `audio` column uses it."""
     a = np.asarray(audio)
     if a.dtype.kind in "iu":
-        return a.astype(np.float32) * np.float32(1.0 / INT16_SCALE)
+        return np.multiply(a, np.float32(1.0 / INT16_SCALE), dtype=np.float32)  # one pass, no int copy
     return a.astype(np.float32, copy=False)
 
 
@@ -708,7 +708,7 @@ def prepare_eval_split(cfg: DictConfig, split: str, normalizer: Normalizer, resu
     report_file = atomic_write_json(results_dir / f"eval_{split}_report.json", report.to_dict())
     if report.kept == 0:
         raise UsageError(f"split {split!r} has no usable rows; reasons: {dict(report.skipped)} (see {report_file})")
-    return datasets.Dataset.from_file(str(out_file)).with_format("numpy")
+    return _numpy_view(datasets.Dataset.from_file(str(out_file)))
 
 
 def load_prepared(output_dir: str | Path, split: str):
@@ -719,7 +719,13 @@ def load_prepared(output_dir: str | Path, split: str):
     path = Path(output_dir) / PREPARED / f"{split}.arrow"
     if not path.is_file():
         raise UsageError(f"{path} not found: run `w2vbert-asr prepare` with the same output_dir first")
-    return datasets.Dataset.from_file(str(path)).with_format("numpy")
+    return _numpy_view(datasets.Dataset.from_file(str(path)))
+
+
+def _numpy_view(ds):
+    """numpy format keeping the stored dtypes: by default datasets widens every integer array to int64,
+    which would make reading int16 audio 4x the memory traffic."""
+    return ds.with_format("numpy", dtype=None)
 
 
 def _print_summary(splits: dict) -> None:
