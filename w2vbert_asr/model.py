@@ -7,10 +7,14 @@ unset, no adapter); `config_overrides` in conf/model/*.yaml replaces those value
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import Wav2Vec2BertConfig, Wav2Vec2BertForCTC
+from transformers import Wav2Vec2BertConfig
+
+if TYPE_CHECKING:
+    from transformers import Wav2Vec2BertForCTC
 
 from . import UsageError
 from .features import ctc_output_frames
@@ -31,6 +35,10 @@ def architecture_config(model_cfg: DictConfig) -> Wav2Vec2BertConfig:
 
 def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
     """Load the pretrained encoder (Hub id or local dir) or build the tiny one; new CTC head sized to the vocab."""
+    # The modeling classes are imported where used: `prepare` needs only the config (frame arithmetic),
+    # and the modeling stack costs seconds of start-up.
+    from transformers import Wav2Vec2BertForCTC
+
     ctc = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
     attn = model_cfg.get("attn_implementation") or "eager"
     if model_cfg.get("architecture"):
@@ -174,5 +182,7 @@ def attach_padding_hooks(model: Wav2Vec2BertForCTC) -> Wav2Vec2BertForCTC:
 
 def load_ctc_model(model_dir, device: torch.device | str = "cpu") -> Wav2Vec2BertForCTC:
     """A saved CTC model (safetensors only), padding hooks attached, in eval mode on `device`."""
+    from transformers import Wav2Vec2BertForCTC
+
     model = Wav2Vec2BertForCTC.from_pretrained(str(model_dir), use_safetensors=True)
     return attach_padding_hooks(model).to(device).eval()

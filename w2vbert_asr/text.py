@@ -16,11 +16,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from transformers import (
-    SeamlessM4TFeatureExtractor,
-    Wav2Vec2BertProcessor,
-    Wav2Vec2CTCTokenizer,
-)
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import Wav2Vec2BertProcessor
 
 PAD = "[PAD]"  # CTC blank; id 0 so that padding labels and blanks coincide
 UNK = "[UNK]"
@@ -141,6 +140,10 @@ class Vocabulary:
 
 def build_processor(vocab: Vocabulary, output_dir: str | Path, sampling_rate: int = 16000) -> Wav2Vec2BertProcessor:
     """Write vocab.json and save a standard `Wav2Vec2BertProcessor` loadable with `from_pretrained(dir)`."""
+    # Imported here: the processor classes pull in transformers' modeling stack (seconds), which
+    # reading text and checking whether prepared data is up to date do not need.
+    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertProcessor, Wav2Vec2CTCTokenizer
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     vocab_file = output_dir / "vocab.json"
