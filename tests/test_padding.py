@@ -90,7 +90,7 @@ def random_model_dir(tmp_path_factory, prepared_run):
 def test_evaluate_hypotheses_equal_pipeline_on_every_clip(random_model_dir, prepared_run):
     from transformers import pipeline
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.data import load_prepared, waves_of
     from w2vbert_asr.evaluate import decode_dataset, greedy_decoder
     from w2vbert_asr.model import load_ctc_model
 
@@ -102,7 +102,7 @@ def test_evaluate_hypotheses_equal_pipeline_on_every_clip(random_model_dir, prep
     hyps, _ = decode_dataset(model, dev, featurizer, greedy_decoder(processor.tokenizer), torch.device("cpu"),
                              max_batch_seconds=1e6, max_batch_size=1000)
     asr = pipeline("automatic-speech-recognition", model=str(random_model_dir), device="cpu")
-    audio = [np.asarray(a, dtype=np.float32) for a in dev["audio"]]
+    audio = waves_of(dev["audio"])  # stored as int16 PCM
     odd = [((len(a) - FRAME_LENGTH) // HOP_LENGTH + 1) % 2 == 1 for a in audio]
     assert any(odd) and not all(odd)  # both kinds of clip are exercised
     expected = [asr({"raw": a, "sampling_rate": 16_000})["text"] for a in audio]
