@@ -420,7 +420,10 @@ class Decoder:
 
     def __exit__(self, *exc) -> None:
         if self.pool is not None:
-            self.pool.terminate() if exc[0] else self.pool.close()
+            if exc[0] is None:
+                self.pool.close()
+            else:  # an error (or Ctrl-C) in this process: stop the workers now
+                self.pool.terminate()
             self.pool.join()
             self.pool = None
 
@@ -579,7 +582,7 @@ def _input_digests(data_cfg: DictConfig, sources: Iterable[str]) -> dict[str, st
                 file = _manifest_file(data_cfg.files, split)
             name = file.name if file.name not in out else str(file)
             out[name] = _file_digest(file)
-            rows = islice(read_split(data_cfg, split), limit)
+            rows = read_split(data_cfg, split)  # data.limit applied, as prepare reads them
             out[f"audio of {name}"] = _audio_digest(_resolve(r) if r.path else None for r in rows)
         elif data_cfg.source == "hf":
             ds = _open_hf(data_cfg.name, data_cfg.get("config"), split, data_cfg.audio_column,
