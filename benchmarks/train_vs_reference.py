@@ -143,10 +143,12 @@ def prepare_work(args, work: Path) -> dict:
 
 def _reference_features(train, processor, out: Path) -> None:
     """The reference's preprocessing: features and label ids per clip, computed once before training."""
+    from w2vbert_asr.data import to_float
+
     fe, tok = processor.feature_extractor, processor.tokenizer
 
     def featurize(example):
-        feats = fe(example["audio"], sampling_rate=SAMPLING_RATE).input_features[0]
+        feats = fe(to_float(example["audio"]), sampling_rate=SAMPLING_RATE).input_features[0]  # int16 PCM -> float
         return {"input_features": feats, "input_length": len(example["audio"]),
                 "labels": tok(str(example["text"])).input_ids, "seconds": float(example["duration"])}
 
