@@ -1,28 +1,38 @@
-"""Faults, as a user meets them: kill -9 at any point, planted pickles, a full disk.
+"""Faults, as a user meets them: kill -9 at any point, planted pickles, a full disk, two runs on one
+folder, an edited release.
 
 Every killed run resumed with `resume=true` must end with a model.safetensors byte-identical to the
 uninterrupted run's; nothing a kill leaves half-written may be trusted; a checkpoint never runs code;
-a full disk gives one clear error and leaves no partial files behind.
+a full disk gives one clear error and leaves no partial files behind; a second command on a folder in
+use is refused at once, and a dead holder's lock is taken over; an edited release is re-prepared.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from datasets.arrow_writer import ArrowWriter
 
-from w2vbert_asr import UsageError
-from w2vbert_asr.cli import compose
+from w2vbert_asr import UsageError, cli
+from w2vbert_asr.cli import LOCKED_FOLDER, compose
+from w2vbert_asr.data import PREPARED, load_prepared, prepare
+from w2vbert_asr.storage import LOCK_FILE, folder_lock
 from w2vbert_asr.train import FAULT_ENV, train
 
-from w2vbert_asr.data import PREPARED
-
+# -------------------------------------------- kill -9, planted pickles, a full disk in training
 # 4 steps, a checkpoint every 2, only the newest kept (+ the best, which ties at the start keep at step 2).
 COMMON = ["train.max_steps=4", "train.eval_steps=2", "train.warmup_steps=2", "train.max_batch_seconds=30",
           "train.save_total_limit=1", "data.test_split=null"]
@@ -256,3 +266,261 @@ def test_planted_checkpoint_metadata_is_never_executed(tmp_path):
     with pytest.raises(UsageError, match="metadata"):
         check_checkpoint_files(ckpt, 1, 0)
     assert not marker.exists()
+
+
+# -------------------------------------------------- two runs on one folder: the output-dir lock
+# The CLI with the command's work replaced: it prints "running <pid>" and waits for a line on stdin
+# ("fork": fork a child that keeps the lock, then die without releasing it, as a killed run with a live
+# data loader worker would).
+HOLDING_CLI = """
+import os, sys, time
+import w2vbert_asr.hub
+
+def hold(cfg):
+    print("running", os.getpid(), flush=True)
+    if sys.stdin.readline().strip() == "fork":
+        child = os.fork()
+        if child == 0:
+            time.sleep(120)
+            os._exit(0)
+        print("child", child, flush=True)
+        os._exit(0)
+
+w2vbert_asr.hub.push = hold
+from w2vbert_asr.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "w2vbert_asr.cli", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **(env or {})})
+
+
+def _holder(*args, env=None) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDING_CLI, *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    line = proc.stdout.readline()
+    assert line.startswith("running"), line
+    return proc, int(line.split()[1])
+
+
+def _args(out, *extra):
+    # No model there: a command that gets past the lock stops at once with its own error.
+    return ["push", "lang=sw", f"output_dir={out}", f"model_dir={out}/no-such-model", "push.dry_run=true", *extra]
+
+
+def _got_past_the_lock(proc) -> bool:
+    return proc.returncode == 2 and "is in use" not in proc.stderr and "no-such-model is not a model" in proc.stderr
+
+
+def _locked_by_another_process(lock_file) -> bool:
+    fd = os.open(lock_file, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_second_command_on_a_locked_output_dir_is_refused(tmp_path):
+    out = tmp_path / "sw"
+    holder, pid = _holder(*_args(out))
+    try:
+        proc = _cli(*_args(out, "push.private=true"))
+        assert proc.returncode == 2
+        started = time.strftime("%H:%M", time.localtime(json.loads((out / LOCK_FILE).read_text())["started"]))
+        assert proc.stderr.strip().splitlines() == [
+            f"error: {out} is in use by pid {pid} (started {started}); wait, or choose another output_dir"]
+    finally:
+        holder.communicate("done\n", timeout=60)
+    assert holder.returncode == 0
+    # Released: the next command gets past the lock (and stops at its own missing data.root).
+    assert _got_past_the_lock(_cli(*_args(out)))
+
+
+def test_lock_of_a_dead_process_is_taken_over(tmp_path):
+    out = tmp_path / "sw"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "started": 0}))
+    assert _got_past_the_lock(_cli(*_args(out)))
+
+    # Killed mid-run, but a process it forked (a data loader worker) still holds the lock it inherited.
+    holder, pid = _holder(*_args(out))
+    holder.stdin.write("fork\n")
+    holder.stdin.flush()
+    child = int(holder.stdout.readline().split()[1])
+    holder.wait(timeout=60)
+    try:
+        assert _locked_by_another_process(out / LOCK_FILE)  # the orphan really holds it
+        assert _got_past_the_lock(_cli(*_args(out)))
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
+def test_other_ranks_neither_wait_nor_fail(tmp_path):
+    """Under `accelerate launch` every rank runs the CLI; only RANK 0 takes the lock."""
+    out = tmp_path / "sw"
+    holder, _ = _holder(*_args(out), env={"RANK": "0", "LOCAL_RANK": "0"})
+    try:
+        rank1, _ = _holder(*_args(out), env={"RANK": "1", "LOCAL_RANK": "1"})
+        rank1.communicate("done\n", timeout=60)
+        assert rank1.returncode == 0
+        # A second launch's main process is refused.
+        assert "is in use" in _cli(*_args(out), env={"RANK": "0", "LOCAL_RANK": "0"}).stderr
+    finally:
+        holder.communicate("done\n", timeout=60)
+    assert holder.returncode == 0
+
+
+@pytest.mark.parametrize("command", sorted(LOCKED_FOLDER))
+def test_each_writing_command_locks_the_folder_it_writes(command, tmp_path, monkeypatch):
+    cfg = compose(["lang=sw", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'corpus'}"])
+    folder = {"output_dir": tmp_path / "run", "eval.results_dir": tmp_path / "run",
+              "baseline.results_dir": tmp_path / "run" / "baseline", "synth.output_dir": tmp_path / "corpus",
+              "transcribe.output_dir": tmp_path / "run" / "transcripts"}[LOCKED_FOLDER[command]]
+    seen = []
+
+    def check(cfg):
+        with pytest.raises(UsageError, match=re.escape(f"{folder} is in use by pid {os.getpid()} ")):
+            with folder_lock(folder, LOCKED_FOLDER[command]):
+                pass
+        seen.append(command)
+
+    module, func, _ = cli.COMMANDS[command]
+    monkeypatch.setattr(f"w2vbert_asr.{module}.{func}", check)
+    cli.run(command, cfg, "w2vbert-asr " + command)
+    assert seen == [command]
+    with folder_lock(folder):  # released afterwards
+        pass
+
+
+def test_a_lock_leaves_nothing_behind(tmp_path):
+    with folder_lock(tmp_path / "new" / "run") as lock:
+        assert lock.is_file()
+    assert not (tmp_path / "new").exists()  # a command that wrote nothing leaves no empty folder
+    with folder_lock(tmp_path / "run"):
+        (tmp_path / "run" / "metrics.json").write_text("{}")
+    assert os.listdir(tmp_path / "run") == ["metrics.json"]
+
+
+def test_unwritable_folder_is_one_error_line(tmp_path):
+    (tmp_path / "sw").write_text("a file where the folder should be")
+    with pytest.raises(UsageError, match="cannot write into .*sw .*; choose another output_dir"):
+        with folder_lock(tmp_path / "sw", "output_dir"):
+            pass
+
+
+# --------------------------- prepared data: edited releases re-prepared, a full disk in prepare
+def _release(corpus, root, rows=(12, 3, 3)):
+    """A small Common Voice folder: the first rows of each split of `corpus`, clips/ a symlink to its clips."""
+    root.mkdir()
+    (root / "clips").symlink_to(corpus / "clips", target_is_directory=True)
+    for split, n in zip(("train", "dev", "test"), rows):
+        lines = (corpus / f"{split}.tsv").read_text().splitlines()
+        (root / f"{split}.tsv").write_text("\n".join(lines[: n + 1]) + "\n")
+    return root
+
+
+def _cfg(out, root, *extra):
+    return compose([f"output_dir={out}", f"data.root={root}", "lang=sw", *extra])
+
+
+def _mtime(path):
+    return path.stat().st_mtime_ns
+
+
+def test_edited_release_is_re_prepared_and_says_what_changed(tmp_path, sw_corpus, capsys):
+    root = _release(sw_corpus, tmp_path / "cv")
+    out = tmp_path / "out"
+    train_file = out / "prepared" / "train.arrow"
+    prepare(_cfg(out, root))
+    capsys.readouterr()
+    first = _mtime(train_file)
+
+    prepare(_cfg(out, root))  # nothing changed: nothing redone
+    assert _mtime(train_file) == first
+    assert "re-preparing" not in capsys.readouterr().out
+
+    # Edit one sentence of train.tsv.
+    header, *rows = (root / "train.tsv").read_text().splitlines()
+    col = header.split("\t").index("sentence")
+    cells = rows[0].split("\t")
+    cells[col] = "habari mpya kabisa"
+    rows[0] = "\t".join(cells)
+    (root / "train.tsv").write_text("\n".join([header, *rows]) + "\n")
+    prepare(_cfg(out, root))
+    assert "train.tsv changed: re-preparing" in capsys.readouterr().out
+    assert "habari mpya kabisa" in list(load_prepared(out, "train")["text"])
+
+    # Add rows (the dev rows, appended to train): trained on, not the old rows only.
+    dev_rows = (root / "dev.tsv").read_text().splitlines()[1:]
+    with open(root / "train.tsv", "a") as f:
+        f.write("\n".join(dev_rows) + "\n")
+    report = prepare(_cfg(out, root))
+    assert "train.tsv changed" in capsys.readouterr().out
+    assert report["splits"]["train"]["rows"] == len(rows) + len(dev_rows)
+    assert len(load_prepared(out, "train")) == report["splits"]["train"]["kept"] == len(rows) + len(dev_rows)
+
+    # An audio file replaced under the same name (new size and mtime): re-prepared, no decoding needed to see it.
+    clip = (root / "test.tsv").read_text().splitlines()[1].split("\t")[header.split("\t").index("path")]
+    private = tmp_path / "clips"
+    private.mkdir()
+    for p in (root / "clips").iterdir():
+        os.symlink(p.resolve(), private / p.name)
+    (root / "clips").unlink()
+    private.rename(root / "clips")
+    (root / "clips" / clip).unlink()
+    (root / "clips" / clip).write_bytes((sw_corpus / "clips" / clip).read_bytes() + b"\0" * 10)
+    prepare(_cfg(out, root))
+    assert "audio of test.tsv changed: re-preparing" in capsys.readouterr().out
+
+    # data.force_prepare=true redoes it all although nothing changed; it is not part of the fingerprint.
+    before = _mtime(train_file)
+    prepare(_cfg(out, root, "data.force_prepare=true"))
+    assert "data.force_prepare=true: re-preparing" in capsys.readouterr().out
+    assert _mtime(train_file) != before
+    before = _mtime(train_file)
+    prepare(_cfg(out, root))
+    assert _mtime(train_file) == before
+
+
+def test_older_prepared_format_is_re_prepared(tmp_path, sw_corpus, capsys):
+    """Prepared folders from before the int16 format (their DONE holds a bare fingerprint) are redone."""
+    root = _release(sw_corpus, tmp_path / "cv")
+    out = tmp_path / "out"
+    prepare(_cfg(out, root))
+    (out / "prepared" / "DONE").write_text("0123456789abcdef")
+    capsys.readouterr()
+    prepare(_cfg(out, root))
+    assert "older format" in capsys.readouterr().out
+    assert json.loads((out / "prepared" / "DONE").read_text())["format"] == 2
+
+
+def test_full_disk_during_prepare_is_one_clear_error_and_leaves_no_partial_file(tmp_path, sw_corpus, monkeypatch):
+    root = _release(sw_corpus, tmp_path / "cv", rows=(40, 3, 3))
+    out = tmp_path / "out"
+    original, calls = ArrowWriter.write_table, []
+
+    def write_until_full(self, table, *args, **kwargs):
+        calls.append(len(table))
+        if len(calls) > 1:  # the first chunk reaches the file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(ArrowWriter, "write_table", write_until_full)
+    with pytest.raises(UsageError) as e:
+        prepare(_cfg(out, root))
+    message = str(e.value)
+    assert "disk full" in message and str(out / "prepared") in message and "free" in message
+    assert len(calls) == 2
+    prepared = out / "prepared"
+    assert not [p.name for p in prepared.iterdir() if p.name.endswith(".tmp")]
+    assert not (prepared / "DONE").exists()
+    monkeypatch.setattr(ArrowWriter, "write_table", original)
+    report = prepare(_cfg(out, root))  # once there is room again, the same command completes
+    assert report["splits"]["train"]["kept"] == 40
