@@ -13,7 +13,9 @@ For every input `<name>.<ext>` (folders are walked for every extension soundfile
 into transcribe.output_dir: `<name>.txt` (the text), `<name>.json` (text, words with start/end seconds,
 duration, model) and `<name>.srt` (subtitle cues of whole words, at most srt_max_seconds/srt_max_chars).
 
-Long audio: the wave is cut into chunks of chunk_seconds that overlap by overlap_seconds; every chunk is
+Long audio: files are read and resampled block by block (`read_blocks`), and cut as they arrive into chunks
+of chunk_seconds that overlap by overlap_seconds (`iter_chunks`), so memory holds a batch of chunks, not the
+file: a 1 h file peaks within ~150 MB of a 2 s one (benchmarks/transcribe_long.py). Every chunk is
 decoded by the model (batched, on the GPU when there is one), and of each chunk only its central part is
 kept: the boundary between two neighbours is the middle of their overlap, so each side drops half the
 overlap, by output frame. Chunk starts are whole output frames, so the kept frames form one continuous
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,13 +39,14 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 from omegaconf import DictConfig
 
 from . import UsageError
 from .features import MIN_SAMPLES, SAMPLING_RATE, BatchFeatureExtractor, pad_waves, samples_per_frame
 from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
-from .storage import atomic_write_text
+from .storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,14 @@ FORMAT_EXTENSIONS = {
     "WVE": ("wve",), "HTK": ("htk",),
 }
 FORMATS = ("txt", "json", "srt")
+AudioInput = np.ndarray | Iterable[np.ndarray]  # a whole wave (N,), or its blocks as they are decoded
+FAILED_FILE = "failed.json"  # in transcribe.output_dir: {audio file: why it could not be transcribed}
+# Chunks per forward pass for batch_size=auto, (CPU, GPU). On CPU a 20 s chunk already makes the matrix
+# products large: 8 chunks ran no faster per chunk than 2 (0.24 s each, tiny model, one thread) but peaked
+# 150 MB higher (the (B, heads, T, T) attention bias). A GPU wants the bigger batch.
+AUTO_BATCH_SIZE = (2, 8)
+# Files are decoded this many seconds at a time: a few MB per block at 44.1 kHz stereo, whatever the file's length.
+READ_BLOCK_SECONDS = 10.0
 
 
 def audio_extensions() -> set[str]:
@@ -96,15 +108,23 @@ class Chunk:
     keep_to: int | None
 
 
-def plan_chunks(num_samples: int, frame: int, chunk_seconds: float, overlap_seconds: float,
-                sampling_rate: int = SAMPLING_RATE) -> list[Chunk]:
-    """Overlapping chunks that cover `num_samples`; starts are multiples of `frame` samples so every chunk's
-    output frame j is global frame start/frame + j. Neighbours split their overlap in the middle."""
+def chunk_geometry(frame: int, chunk_seconds: float, overlap_seconds: float,
+                   sampling_rate: int = SAMPLING_RATE) -> tuple[int, int]:
+    """-> (chunk length, overlap dropped on each inner side), in samples, both multiples of `frame`."""
     chunk = max(frame, round(chunk_seconds * sampling_rate / frame) * frame)
-    half = round(overlap_seconds * sampling_rate / 2 / frame) * frame  # dropped on each inner side
+    half = round(overlap_seconds * sampling_rate / 2 / frame) * frame
     if overlap_seconds < 0 or chunk - 2 * half < frame:
         raise UsageError(f"transcribe.chunk_seconds={chunk_seconds} must exceed transcribe.overlap_seconds="
                          f"{overlap_seconds} (and overlap must be >= 0)")
+    return chunk, half
+
+
+def plan_chunks(num_samples: int, frame: int, chunk_seconds: float, overlap_seconds: float,
+                sampling_rate: int = SAMPLING_RATE) -> list[Chunk]:
+    """Overlapping chunks that cover `num_samples`; starts are multiples of `frame` samples so every chunk's
+    output frame j is global frame start/frame + j. Neighbours split their overlap in the middle.
+    (`iter_chunks` makes the same plan from audio whose length is known only at its end.)"""
+    chunk, half = chunk_geometry(frame, chunk_seconds, overlap_seconds, sampling_rate)
     if num_samples <= chunk:
         return [Chunk(0, num_samples, 0, None)]
     starts = list(range(0, num_samples - chunk, chunk - 2 * half))
@@ -123,6 +143,110 @@ def plan_chunks(num_samples: int, frame: int, chunk_seconds: float, overlap_seco
         keep_to = bounds[i] - first if i < len(bounds) else None
         chunks.append(Chunk(s, e, keep_from, keep_to))
     return chunks
+
+
+def iter_chunks(blocks: Iterable[np.ndarray], frame: int, chunk_seconds: float, overlap_seconds: float,
+                sampling_rate: int = SAMPLING_RATE) -> Iterator[tuple[Chunk, np.ndarray]]:
+    """Audio arriving as 1-D blocks -> (Chunk, its samples (end - start,)) as soon as each is settled:
+    exactly `plan_chunks(N, ...)` for the N samples the blocks add up to, with at most a chunk, a frame
+    and a block of samples held. Nothing is yielded for empty audio.
+
+    Chunk i is settled once chunk i + 1 is: a start s is a regular chunk [s, s + chunk) when at least
+    chunk + frame samples follow it (then the file's last chunk starts at least one frame later); else
+    the file has ended and the last chunk is the final `chunk` samples, its start rounded down to a frame.
+    The boundary between two chunks is the middle of their overlap, so a chunk's keep_to needs its successor."""
+    chunk, half = chunk_geometry(frame, chunk_seconds, overlap_seconds, sampling_rate)
+    source = iter(blocks)
+    parts: list[np.ndarray] = []  # samples [offset, have) not yet dropped
+    offset = have = 0
+    ended = False
+
+    def fill(upto: int) -> None:
+        nonlocal have, ended
+        while have < upto and not ended:
+            block = next(source, None)
+            if block is None:
+                ended = True
+            elif len(block):
+                block = np.asarray(block, dtype=np.float32)
+                if block.ndim != 1:
+                    raise ValueError(f"audio block has shape {block.shape}; expected mono (N,)")
+                parts.append(block)
+                have += len(block)
+
+    def take(start: int, end: int) -> np.ndarray:
+        """Samples [start, end); drops what lies before `start` (no later chunk reaches back past it)."""
+        nonlocal parts, offset
+        buffer = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        buffer = buffer[start - offset:]
+        parts, offset = [buffer], start
+        return buffer[: end - start].copy()
+
+    previous: tuple[int, int, int, np.ndarray] | None = None  # start, end, keep_from, samples: awaiting keep_to
+    start = 0
+    while True:
+        fill(start + chunk + frame)
+        last = have < start + chunk + frame  # the audio ended before a regular chunk at `start`
+        if last:
+            if have == 0:
+                return
+            start = max(0, (have - chunk) // frame * frame)
+        end = have if last else start + chunk
+        samples = take(start, end)
+        keep_from = 0
+        if previous is not None:
+            p_start, p_end, p_keep_from, p_samples = previous
+            bound = (start + p_end) // 2 // frame  # global output frame where this chunk takes over
+            yield Chunk(p_start, p_end, p_keep_from, bound - p_start // frame), p_samples
+            keep_from = bound - start // frame
+        if last:
+            yield Chunk(start, end, keep_from, None), samples
+            return
+        previous = (start, end, keep_from, samples)
+        start += chunk - 2 * half
+
+
+class AudioReadError(ValueError):
+    """An audio file that cannot be decoded (empty, cut short, not audio); its message names the file."""
+
+
+def read_blocks(path: str | Path, sampling_rate: int = SAMPLING_RATE,
+                block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
+    """Decode an audio file block by block -> mono float32 blocks `(n,)` at `sampling_rate` (resampled by a
+    soxr stream when the file's rate differs). Their concatenation equals `data.load_audio(path)` sample
+    for sample: the same channel mean, and soxr's stream gives the same samples as its one-shot resample."""
+    name = str(path)
+    if not Path(path).is_file():
+        raise AudioReadError(f"{name}: no such file")
+    if Path(path).stat().st_size == 0:
+        raise AudioReadError(f"{name}: empty or undecodable audio (the file is empty)")
+    try:
+        audio = sf.SoundFile(name)
+    except Exception as e:  # soundfile raises several types for a corrupt file; all mean the same here
+        why = getattr(e, "error_string", None) or str(e)
+        # libsndfile says "File does not exist" of an existing file it cannot parse (an empty or cut MP3)
+        detail = "" if "does not exist" in why else f" ({why})"
+        raise AudioReadError(f"{name}: empty or undecodable audio{detail}") from None
+    with audio:
+        rate = audio.samplerate
+        stream = None if rate == sampling_rate else soxr.ResampleStream(rate, sampling_rate, 1, dtype="float32",
+                                                                          quality="HQ")
+        size = max(1, round(block_seconds * rate))
+        total = 0
+        while True:
+            try:
+                data = audio.read(size, dtype="float32", always_2d=True)
+            except Exception as e:  # noqa: BLE001 - a file cut short mid-stream
+                raise AudioReadError(f"{name}: undecodable audio after {total / rate:.1f} s ({e})") from e
+            total += len(data)
+            if len(data) == 0:
+                break
+            wave = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+            yield np.ascontiguousarray(stream.resample_chunk(wave) if stream else wave, dtype=np.float32)
+        if total == 0:
+            raise AudioReadError(f"{name}: empty or undecodable audio (0 samples decoded)")
+        if stream is not None:
+            yield stream.resample_chunk(np.zeros(0, np.float32), last=True)
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -150,21 +274,28 @@ class _Pending:
     """One input being transcribed: its chunks' kept logits arrive batch by batch."""
 
     key: object
-    num_samples: int
-    chunks: list[Chunk]
+    num_samples: int = 0
+    chunks: int = 0  # chunks read so far
+    read: bool = False  # all chunks read
+    failed: bool = False
     parts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def done(self) -> bool:
+        return self.failed or (self.read and len(self.parts) == self.chunks)
 
 
 class Transcriber:
-    """Chunked, batched CTC transcription of 16 kHz waves.
+    """Chunked, batched CTC transcription of 16 kHz audio, read as it is decoded.
 
-    model: a `Wav2Vec2BertForCTC` (anything with `.config`, `(input_features, attention_mask) -> .logits`
-    and `_get_feat_extract_output_lengths`); processor: its `Wav2Vec2BertProcessor` (tokenizer + features).
+    model: a `Wav2Vec2BertForCTC` (anything with `.config` and `(input_features, attention_mask) -> .logits`);
+    processor: its `Wav2Vec2BertProcessor` (tokenizer + features).
     lm_decoder: a pyctcdecode decoder (`lm.load_decoder`) for beam search, or None for greedy.
     """
 
     def __init__(self, model, processor, device: str | torch.device | None = None, chunk_seconds: float = 20.0,
-                 overlap_seconds: float = 4.0, batch_size: int = 8, lm_decoder=None, beam_width: int = 64):
+                 overlap_seconds: float = 4.0, batch_size: int | str | None = "auto", lm_decoder=None,
+                 beam_width: int = 64):
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
         self.tokenizer = processor.tokenizer
@@ -172,7 +303,13 @@ class Transcriber:
         self.sampling_rate = self.featurizer.sampling_rate
         self.frame = samples_per_frame(model.config)
         self.chunk_seconds, self.overlap_seconds = float(chunk_seconds), float(overlap_seconds)
-        self.batch_size = max(1, int(batch_size))
+        chunk_geometry(self.frame, self.chunk_seconds, self.overlap_seconds, self.sampling_rate)  # fail early
+        if batch_size in (None, "auto"):
+            batch_size = AUTO_BATCH_SIZE[self.device.type == "cuda"]
+        try:
+            self.batch_size = max(1, int(batch_size))
+        except ValueError:
+            raise UsageError(f"transcribe.batch_size={batch_size!r}: give a number of chunks or auto") from None
         self.lm_decoder, self.beam_width = lm_decoder, int(beam_width)
 
     @property
@@ -184,48 +321,73 @@ class Transcriber:
         results = dict(self.stream((i, w) for i, w in enumerate(waves)))
         return [results[i] for i in range(len(waves))]
 
-    def stream(self, items: Iterable[tuple[object, np.ndarray]]) -> Iterator[tuple[object, Transcript]]:
-        """(key, wave (N,)) pairs -> (key, Transcript) in input order; waves are pulled lazily, so a folder
-        of long files never sits in memory at once. Chunks of consecutive inputs share batches."""
-        for key, logits, num_samples in self.stream_logits(items):
+    def transcribe_file(self, path: str | Path) -> Transcript:
+        """One audio file of any length, read block by block -> Transcript."""
+        [(_, result)] = self.stream([(path, read_blocks(path, self.sampling_rate))])
+        return result
+
+    def stream(self, items: Iterable[tuple[object, AudioInput]], on_error=None) -> Iterator[tuple[object, Transcript]]:
+        """(key, audio) pairs -> (key, Transcript) in input order. audio: a wave `(N,)` or an iterable of 1-D
+        blocks (`read_blocks(path)`); inputs are pulled lazily and read chunk by chunk, so neither a folder
+        of files nor a long file sits in memory. Chunks of consecutive inputs share batches.
+        on_error(key, exception): called for an input whose audio fails while read, which is then skipped;
+        without it the exception propagates."""
+        for key, logits, num_samples in self.stream_logits(items, on_error):
             yield key, self.decode(logits, num_samples)
 
     @torch.no_grad()
-    def stream_logits(self, items: Iterable[tuple[object, np.ndarray]]) -> Iterator[tuple[object, torch.Tensor, int]]:
+    def stream_logits(self, items: Iterable[tuple[object, AudioInput]],
+                      on_error=None) -> Iterator[tuple[object, torch.Tensor, int]]:
         """-> (key, stitched logits (T, V) float32 on CPU, num_samples) per input, in input order."""
-        queue: deque[tuple[_Pending, int, np.ndarray]] = deque()
-        order: deque[_Pending] = deque()
         source = iter(items)
+        order: deque[_Pending] = deque()  # inputs not yet yielded, in input order
+        reading: tuple[_Pending, Iterator[tuple[Chunk, np.ndarray]]] | None = None
         exhausted = False
         while True:
-            while not exhausted and len(queue) < self.batch_size:
+            batch: list[tuple[_Pending, int, Chunk, np.ndarray]] = []
+            while len(batch) < self.batch_size and not (exhausted and reading is None):
+                if reading is None:
+                    try:
+                        key, audio = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        continue
+                    order.append(_Pending(key))
+                    reading = order[-1], self._chunks(audio)
+                pending, chunks = reading
                 try:
-                    key, wave = next(source)
+                    chunk, samples = next(chunks)
                 except StopIteration:
-                    exhausted = True
-                    break
-                wave = np.asarray(wave, dtype=np.float32)
-                if wave.ndim != 1:
-                    raise ValueError(f"input {key}: wave has shape {wave.shape}; expected mono (N,)")
-                pending = _Pending(key, len(wave), plan_chunks(len(wave), self.frame, self.chunk_seconds,
-                                                               self.overlap_seconds, self.sampling_rate))
-                order.append(pending)
-                if len(wave) == 0:
-                    pending.chunks = []
-                for ci, c in enumerate(pending.chunks):
-                    queue.append((pending, ci, wave[c.start:c.end]))
-            if queue:
-                batch = [queue.popleft() for _ in range(min(self.batch_size, len(queue)))]
-                for (pending, ci, _), logits in zip(batch, self._forward([w for _, _, w in batch])):
-                    c = pending.chunks[ci]
-                    pending.parts[ci] = logits[c.keep_from:c.keep_to]
-            while order and len(order[0].parts) == len(order[0].chunks):
+                    pending.read, reading = True, None
+                    continue
+                except Exception as e:
+                    if on_error is None:
+                        raise
+                    on_error(pending.key, e)
+                    pending.failed, reading = True, None
+                    continue
+                pending.num_samples = chunk.end  # the last chunk ends at the end of the audio
+                batch.append((pending, pending.chunks, chunk, samples))
+                pending.chunks += 1
+            if batch:
+                for (pending, i, c, _), logits in zip(batch, self._forward([b[3] for b in batch])):
+                    pending.parts[i] = logits[c.keep_from:c.keep_to].clone()  # not a view of the batch
+            while order and order[0].done:
                 done = order.popleft()
-                vocab = self.model.config.vocab_size
-                parts = [done.parts[i] for i in range(len(done.chunks))] or [torch.zeros(0, vocab)]
-                yield done.key, torch.cat(parts), done.num_samples
-            if exhausted and not queue and not order:
+                if not done.failed:
+                    parts = [done.parts[i] for i in range(done.chunks)]
+                    yield done.key, (torch.cat(parts) if parts else torch.zeros(0, self.model.config.vocab_size)), \
+                        done.num_samples
+            if exhausted and reading is None and not order:
                 return
+
+    def _chunks(self, audio: AudioInput) -> Iterator[tuple[Chunk, np.ndarray]]:
+        if isinstance(audio, (np.ndarray, torch.Tensor)):
+            audio = np.asarray(audio, dtype=np.float32)
+            if audio.ndim != 1:
+                raise ValueError(f"wave has shape {audio.shape}; expected mono (N,)")
+            audio = [audio]
+        return iter_chunks(audio, self.frame, self.chunk_seconds, self.overlap_seconds, self.sampling_rate)
 
     def _forward(self, waves: list[np.ndarray]) -> list[torch.Tensor]:
         """Chunks -> per-chunk logits (T_i, V) on CPU, only the valid frames."""
@@ -349,31 +511,35 @@ def write_outputs(transcript: Transcript, base: Path, formats: Iterable[str], au
 
 def transcribe_files(transcriber: Transcriber, files: Sequence[tuple[Path, str]], output_dir: Path,
                      formats: Sequence[str], model_name: str, srt_limits: dict | None = None) -> dict:
-    """Transcribe [(audio file, output name)] and write the outputs; unreadable files are reported, not fatal."""
-    from .data import load_audio
-
+    """Transcribe [(audio file, output name)] and write the outputs. A file that cannot be read is reported,
+    not fatal: the others are still transcribed, and `failed.json` in output_dir lists {file: reason}
+    (written, or removed, on every run so that it describes this one)."""
     failed: dict[str, str] = {}
 
-    def waves():
-        for path, name in files:
-            try:
-                yield (path, name), load_audio(path, transcriber.sampling_rate)
-            except Exception as e:  # noqa: BLE001 - any decoder error: report the file, go on with the rest
-                failed[str(path)] = f"{type(e).__name__}: {e}"
-                log.error("%s: cannot read audio (%s); skipped", path, e)
+    def record_failure(path, e: Exception) -> None:
+        failed[str(path)] = str(e) if isinstance(e, AudioReadError) else f"{path}: {type(e).__name__}: {e}"
+        log.error("%s; skipped", failed[str(path)])
 
+    inputs = (((path, name), read_blocks(path, transcriber.sampling_rate)) for path, name in files)
     done, audio_seconds, start = [], 0.0, time.perf_counter()
-    for (path, name), transcript in transcriber.stream(waves()):
+    for (path, name), transcript in transcriber.stream(inputs, on_error=lambda key, e: record_failure(key[0], e)):
         outputs = write_outputs(transcript, output_dir / name, formats, path, model_name, srt_limits)
         audio_seconds += transcript.duration
         done.append({"audio": str(path), "text": transcript.text, "duration": transcript.duration,
                      "words": len(transcript.words), "outputs": [str(p) for p in outputs]})
         print(f"{path} ({transcript.duration:.1f} s) -> {output_dir / name}.{{{','.join(formats)}}}")
     seconds = time.perf_counter() - start
-    if failed and not done:
-        raise UsageError("no file could be read: " + "; ".join(f"{p}: {e}" for p, e in failed.items()))
+    failed_file = output_dir / FAILED_FILE
     if failed:
-        print(f"{len(failed)} file(s) could not be read: {', '.join(failed)}")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(failed_file, failed)
+    else:
+        failed_file.unlink(missing_ok=True)  # a previous run's list would no longer be true
+    if failed and not done:
+        raise UsageError("no file could be read: " + "; ".join(failed.values()) + f" (listed in {failed_file})")
+    if failed:
+        print(f"{len(failed)} file(s) could not be read, listed with the reasons in {failed_file}: "
+              + ", ".join(failed))
     rtfx = audio_seconds / seconds if seconds > 0 else float("inf")
     print(f"transcribed {len(done)} file(s), {audio_seconds:.1f} s of audio in {seconds:.1f} s "
           f"(RTFx {rtfx:.1f}, {transcriber.device})")
@@ -382,7 +548,8 @@ def transcribe_files(transcriber: Transcriber, files: Sequence[tuple[Path, str]]
 
 
 def transcribe(cfg: DictConfig) -> dict:
-    """`w2vbert-asr transcribe model=<dir or Hub id> <files or folders>`."""
+    """`w2vbert-asr transcribe model=<dir or Hub id> <files or folders>`. Exits 1 (SystemExit) when some inputs
+    could not be read, after writing the others and `failed.json`."""
     tcfg = cfg.transcribe
     if not tcfg.inputs:
         raise UsageError("nothing to transcribe: w2vbert-asr transcribe model=<dir or Hub id> clip.mp3 folder/")
@@ -405,5 +572,8 @@ def transcribe(cfg: DictConfig) -> dict:
                               lm_decoder, beam_width)
     limits = {"max_seconds": float(tcfg.get("srt_max_seconds", 7.0)), "max_chars": int(tcfg.get("srt_max_chars", 42)),
               "max_gap": float(tcfg.get("srt_max_gap", 1.0))}
-    return transcribe_files(transcriber, files, Path(tcfg.output_dir), formats, str(cfg.model_dir), limits)
+    result = transcribe_files(transcriber, files, Path(tcfg.output_dir), formats, str(cfg.model_dir), limits)
+    if result["failed"]:
+        sys.exit(1)  # the command failed for some inputs (the others are written): scripts must notice
+    return result
 
