@@ -14,7 +14,7 @@ Audio: ~2 minutes of espeak-ng sentences (`w2vbert_asr.synth`, random sentences 
 0.3-1.5 s pauses), tiled to 1, 10 and 60 minutes with room tone (Gaussian, sigma 3e-3) added over the
 whole file, written as 16 kHz 16-bit WAV; plus a 2 s file, the memory baseline.
 
-Each (system, file) runs in a fresh Python process, so its peak RSS (ru_maxrss) is its own. Inside it the
+Each (system, file) runs in a fresh Python process, so its peak RSS (VmHWM) is its own. Inside it the
 model is loaded and warmed up on 1 s of audio (numba compilation, first-call allocations) before the clock
 starts; the clock then covers reading the file, features, forward, stitching and decoding to text.
 * ours: `Transcriber(model, processor, chunk_seconds=20, overlap_seconds=4).transcribe_file` (transcribe's
@@ -135,8 +135,20 @@ def run_child(system: str, model_dir: str, audio: str, threads: int) -> dict:
         wall, cpu = time.perf_counter(), time.process_time()
         text = run()
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak_mb = peak_rss_mb()
     return {"system": system, "audio_seconds": seconds, "wall": wall, "cpu": cpu, "peak_mb": peak_mb, "text": text}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. /proc's VmHWM belongs to this program alone; ru_maxrss also
+    counts the parent's memory at the fork (the parent holds the audio it wrote)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
 def measure(system: str, model_dir: Path, audio: Path, threads: int) -> dict:

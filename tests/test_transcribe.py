@@ -24,10 +24,13 @@ from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
 from w2vbert_asr.features import ctc_output_frames, samples_per_frame
 from w2vbert_asr.transcribe import (
+    FAILED_FILE,
     Transcriber,
     Word,
     find_audio,
+    iter_chunks,
     plan_chunks,
+    read_blocks,
     srt_time,
     subtitle_cues,
     to_srt,
@@ -175,6 +178,32 @@ def test_chunk_plan_covers_every_frame_once(num_samples, chunk_s, overlap_s):
 def test_chunk_plan_rejects_overlap_not_smaller_than_chunk():
     with pytest.raises(UsageError, match="chunk_seconds"):
         plan_chunks(100 * SR, FRAME, 4.0, 4.0)
+
+
+@pytest.mark.parametrize("chunk_s,overlap_s", [(20.0, 4.0), (5.0, 0.0)])
+def test_streamed_chunks_equal_the_plan_and_read_lazily(chunk_s, overlap_s):
+    """iter_chunks on audio arriving in blocks of any size makes plan_chunks' plan (known only with the whole
+    length) with the same samples, and reads at most a chunk, a frame and a block beyond each chunk it yields."""
+    rng = np.random.default_rng(0)
+    chunk = round(chunk_s * SR / FRAME) * FRAME
+    lengths = [0, 1, 559, SR, chunk - 1, chunk, chunk + 1, chunk + FRAME - 1, chunk + FRAME, chunk + FRAME + 1,
+               37 * SR + 123, 181 * SR + 7]
+    for n in lengths:
+        wave = rng.standard_normal(n).astype(np.float32)
+        for block in (1000, 7 * SR + 3, 10**9):
+            consumed = []
+
+            def blocks():
+                for i in range(0, n, block):
+                    consumed.append(min(n, i + block))
+                    yield wave[i:i + block]
+
+            got = []
+            for c, samples in iter_chunks(blocks(), FRAME, chunk_s, overlap_s):
+                assert consumed[-1] <= c.end + chunk + FRAME + block  # nothing read far ahead
+                np.testing.assert_array_equal(samples, wave[c.start:c.end])
+                got.append(c)
+            assert got == (plan_chunks(n, FRAME, chunk_s, overlap_s) if n else []), (n, block)
 
 
 def test_samples_per_frame_follows_the_adapter():
@@ -409,3 +438,137 @@ def test_trained_demo_model_words_fall_inside_their_sentences(tmp_path):
     # delimiter in its output), which stretches that word's end, not where it starts.
     for w in result.words:
         assert any(s - TIMING_TOLERANCE_S <= w.start <= e for s, e in spans), w
+
+
+# --------------------------------------------------------------------------------------------- streaming files
+def test_read_blocks_equal_the_whole_file_decode(tmp_path, speech_clip):
+    """Block-by-block decoding (with a soxr stream when the rate differs, a channel mean for stereo) gives
+    the samples load_audio gives for the whole file, for every format and rate (MP3: to float rounding)."""
+    import soxr
+
+    from w2vbert_asr.data import load_audio
+
+    d, wave, _ = speech_clip
+    sf.write(tmp_path / "clip.mp3", soxr.resample(wave, SR, 48_000), 48_000)
+    sf.write(tmp_path / "clip16.wav", wave, SR)
+    for path in [d / "talk.flac", d / "folder" / "stereo.wav", d / "short" / "hello.ogg", tmp_path / "clip.mp3",
+                 tmp_path / "clip16.wav"]:
+        # MP3: libsndfile 1.2.2 decodes short reads differently (see MPEG_FRAME): blocks of >= 2.4 s there.
+        mp3 = path.suffix == ".mp3"
+        blocks = list(read_blocks(path, SR, block_seconds=4.0 if mp3 else 0.7))
+        assert len(blocks) > 3
+        atol = 1e-6 if mp3 else 0
+        np.testing.assert_allclose(np.concatenate(blocks), load_audio(path, SR), rtol=0, atol=atol, err_msg=str(path))
+
+
+def test_long_file_streamed_equals_whole_file(tmp_path, tiny_model_dir, speech_clip):
+    """A 2.5-minute 22.05 kHz file read in 1 s blocks gives the same logits, text and word times as the whole
+    decoded wave in memory (the path transcribe took before it streamed)."""
+    import soxr
+
+    from w2vbert_asr.data import load_audio
+    from w2vbert_asr.transcribe import load_model
+
+    _, wave, _ = speech_clip
+    long_wave = np.tile(wave, -(-150 * SR // len(wave)))[: 150 * SR + 1234]
+    long_wave = long_wave + np.random.default_rng(0).normal(0, 3e-3, long_wave.size).astype(np.float32)
+    path = tmp_path / "long.flac"
+    sf.write(path, soxr.resample(long_wave, SR, 22_050), 22_050)
+    model, processor = load_model(tiny_model_dir)
+    t = Transcriber(model, processor, "cpu", chunk_seconds=10.0, overlap_seconds=2.0, batch_size=3)
+    [(_, whole_logits, whole_n)] = t.stream_logits([("whole", load_audio(path, SR))])
+    [(_, streamed_logits, streamed_n)] = t.stream_logits([("file", read_blocks(path, SR, block_seconds=1.0))])
+    assert streamed_n == whole_n and torch.equal(streamed_logits, whole_logits)
+    whole, streamed = t.decode(whole_logits, whole_n), t.decode(streamed_logits, streamed_n)
+    assert streamed.words and streamed.text == whole.text and streamed.words == whole.words
+
+
+def test_a_source_failing_mid_stream_is_reported_and_skipped(processor, tone_model):
+    """An input whose audio fails while being read (a file cut short) is reported through on_error; its
+    chunks already batched are dropped, and the inputs around it come out as they do alone."""
+    clips = [tone_clip(s, seed=i) for i, s in enumerate([30.0, 45.0, 25.0])]
+
+    def failing(wave):
+        yield wave[: 12 * SR]
+        yield wave[12 * SR: 24 * SR]
+        raise ValueError("cut short")
+
+    t = Transcriber(tone_model, processor, "cpu", chunk_seconds=10.0, overlap_seconds=2.0, batch_size=3)
+    errors = []
+    results = dict(t.stream([("a", [clips[0][0]]), ("bad", failing(clips[1][0])), ("c", clips[2][0])],
+                            on_error=lambda key, e: errors.append((key, str(e)))))
+    assert errors == [("bad", "cut short")] and list(results) == ["a", "c"]
+    alone = t.transcribe([clips[0][0], clips[2][0]])
+    assert results["a"] == alone[0] and results["c"] == alone[1]
+    assert_words_match(results["c"].words, clips[2][1])
+    with pytest.raises(ValueError, match="cut short"):  # without on_error the failure propagates
+        list(t.stream([("bad", failing(clips[1][0]))]))
+
+
+def test_fast_relative_key_bias_equals_transformers(tiny_model_dir, monkeypatch):
+    """Our relative_key attention bias gives transformers' logits and gradients (padded batch included)."""
+    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v_bert
+
+    from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
+    from w2vbert_asr.model import relative_key_bias, use_fast_relative_key_bias
+    from w2vbert_asr.transcribe import load_model
+
+    model, processor = load_model(tiny_model_dir)  # installs ours
+    assert use_fast_relative_key_bias() and w2v_bert._apply_relative_key_position_encoding is relative_key_bias
+    rng = np.random.default_rng(0)
+    waves, lengths = pad_waves([rng.normal(0, 0.1, n).astype(np.float32) for n in (5 * SR, 3 * SR + 777)])
+    feats, mask = BatchFeatureExtractor.from_hf(processor.feature_extractor)(waves, lengths)
+    model.train(False)
+
+    def run():
+        model.zero_grad()
+        logits = model(input_features=feats, attention_mask=mask).logits
+        logits.square().mean().backward()
+        layer = model.wav2vec2_bert.encoder.layers[0].self_attn
+        return logits.detach(), layer.distance_embedding.weight.grad.clone(), layer.linear_q.weight.grad.clone()
+
+    ours = run()
+    monkeypatch.setattr(w2v_bert, "_apply_relative_key_position_encoding", w2v_bert._w2vbert_transformers_relative_key)
+    theirs = run()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_failed_inputs_listed_and_exit_1(tmp_path, tiny_model_dir, speech_clip, capsys):
+    """Unreadable inputs (not audio, empty, a cut MP3) go to failed.json with the reason and the command
+    exits 1, after transcribing the good file; a clean rerun removes the stale list."""
+    from w2vbert_asr.cli import main
+
+    d, wave, _ = speech_clip
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    sf.write(inputs / "good.wav", wave[: 3 * SR], SR)
+    (inputs / "noise.wav").write_bytes(b"not audio at all" * 100)
+    (inputs / "empty.mp3").write_bytes(b"")
+    sf.write(tmp_path / "full.mp3", wave, SR)
+    (inputs / "cut.mp3").write_bytes((tmp_path / "full.mp3").read_bytes()[:300])
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transcribe", f"model={tiny_model_dir}", str(inputs), f"transcribe.output_dir={out}"])
+    assert exit_info.value.code == 1
+    assert (out / "good.txt").is_file() and (out / "good.json").is_file()
+    failed = json.loads((out / FAILED_FILE).read_text())
+    assert set(failed) == {str(inputs / n) for n in ("noise.wav", "empty.mp3", "cut.mp3")}
+    for path, reason in failed.items():
+        assert reason.startswith(path) and "undecodable" in reason, reason
+    assert "could not be read" in capsys.readouterr().out
+    assert main(["transcribe", f"model={tiny_model_dir}", str(inputs / "good.wav"),
+                 f"transcribe.output_dir={out}"]) == 0
+    assert not (out / FAILED_FILE).exists()
+
+
+def test_cli_invalid_device_is_one_error_line(tmp_path, tiny_model_dir, speech_clip, capsys):
+    from w2vbert_asr.cli import main
+
+    d, _, _ = speech_clip
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transcribe", f"model={tiny_model_dir}", str(d / "short"), "transcribe.device=tpu",
+              f"transcribe.output_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "tpu" in err[0] and "Traceback" not in err[0]

@@ -62,6 +62,11 @@ FORMAT_EXTENSIONS = {
 FORMATS = ("txt", "json", "srt")
 AudioInput = np.ndarray | Iterable[np.ndarray]  # a whole wave (N,), or its blocks as they are decoded
 FAILED_FILE = "failed.json"  # in transcribe.output_dir: {audio file: why it could not be transcribed}
+# Blocks are read in whole MPEG frames (1152 samples; MPEG-2's 576 and Layer I's 384 divide it) of about
+# READ_BLOCK_SECONDS: libsndfile 1.2.2 decodes an MP3 read that ends inside a frame wrongly from there on
+# (errors up to 0.4 seen), and a short first read (0.7 s, whole frames) differently for the next ~1,000
+# samples (0.035). Whole frames from 2.4 s up matched one read of the whole file to float rounding (1.2e-7).
+MPEG_FRAME = 1152
 # Chunks per forward pass for batch_size=auto, (CPU, GPU). On CPU a 20 s chunk already makes the matrix
 # products large: 8 chunks ran no faster per chunk than 2 (0.24 s each, tiny model, one thread) but peaked
 # 150 MB higher (the (B, heads, T, T) attention bias). A GPU wants the bigger batch.
@@ -214,7 +219,8 @@ def read_blocks(path: str | Path, sampling_rate: int = SAMPLING_RATE,
                 block_seconds: float = READ_BLOCK_SECONDS) -> Iterator[np.ndarray]:
     """Decode an audio file block by block -> mono float32 blocks `(n,)` at `sampling_rate` (resampled by a
     soxr stream when the file's rate differs). Their concatenation equals `data.load_audio(path)` sample
-    for sample: the same channel mean, and soxr's stream gives the same samples as its one-shot resample."""
+    for sample (the same channel mean; soxr's stream gives the samples of its one-shot resample), except
+    for MP3, where libsndfile's reads in blocks differ by float rounding (see MPEG_FRAME)."""
     name = str(path)
     if not Path(path).is_file():
         raise AudioReadError(f"{name}: no such file")
@@ -231,7 +237,7 @@ def read_blocks(path: str | Path, sampling_rate: int = SAMPLING_RATE,
         rate = audio.samplerate
         stream = None if rate == sampling_rate else soxr.ResampleStream(rate, sampling_rate, 1, dtype="float32",
                                                                           quality="HQ")
-        size = max(1, round(block_seconds * rate))
+        size = max(1, round(block_seconds * rate / MPEG_FRAME)) * MPEG_FRAME
         total = 0
         while True:
             try:
