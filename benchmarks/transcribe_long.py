@@ -221,8 +221,7 @@ def report(rows: list[dict], args, argv) -> None:
         if base and longest is not base:
             print(f"{system}: peak RSS on {longest['file']} is {longest['peak_mb'] - base['peak_mb']:+.0f} MB over the "
                   f"2 s file (target for ours: <= +150 MB)")
-    command = [sys.executable.rsplit("/", 1)[-1], "benchmarks/transcribe_long.py", *(argv if argv is not None
-                                                                                       else sys.argv[1:])]
+    command = ["python", "benchmarks/transcribe_long.py", *(argv if argv is not None else sys.argv[1:])]
     print("command:", shlex.join(command))
 
 

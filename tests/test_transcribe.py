@@ -572,3 +572,22 @@ def test_cli_invalid_device_is_one_error_line(tmp_path, tiny_model_dir, speech_c
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "tpu" in err[0] and "Traceback" not in err[0]
+
+
+@pytest.mark.slow
+def test_transcribe_long_benchmark_runs(tmp_path, capsys):
+    """benchmarks/transcribe_long.py end to end on a 15 s file: both systems measured in their own
+    processes, the table, the ratios and the command printed."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "transcribe_long.py"
+    spec = importlib.util.spec_from_file_location("transcribe_long_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--minutes", "0.25", "--work", str(tmp_path), "--threads", "1"])
+    assert {(r["file"], r["system"]) for r in rows} == {(f, s) for f in ("2s", "0.25min") for s in ("ours", "pipeline")}
+    for r in rows:
+        assert r["wall"] > 0 and r["cpu"] > 0 and r["peak_mb"] > 100
+        assert r["audio_seconds"] == pytest.approx(2.0 if r["file"] == "2s" else 15.0)
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "over the 2 s file" in out and "command: python benchmarks/transcribe_long.py" in out

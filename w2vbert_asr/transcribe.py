@@ -8,10 +8,13 @@ Usage:
     from w2vbert_asr.transcribe import Transcriber, load_model
     model, processor = load_model("demo_out/model", "cpu")
     [result] = Transcriber(model, processor).transcribe([wave_16khz])   # .text, .words[i].start ...
+    result = Transcriber(model, processor).transcribe_file("talk.flac")  # read block by block
 
 For every input `<name>.<ext>` (folders are walked for every extension soundfile can read) it writes
 into transcribe.output_dir: `<name>.txt` (the text), `<name>.json` (text, words with start/end seconds,
 duration, model) and `<name>.srt` (subtitle cues of whole words, at most srt_max_seconds/srt_max_chars).
+A file that cannot be decoded does not stop the others: it is listed with the reason in
+`<output_dir>/failed.json`, and the command then exits 1.
 
 Long audio: files are read and resampled block by block (`read_blocks`), and cut as they arrive into chunks
 of chunk_seconds that overlap by overlap_seconds (`iter_chunks`), so memory holds a batch of chunks, not the
@@ -381,9 +384,10 @@ class Transcriber:
             while order and order[0].done:
                 done = order.popleft()
                 if not done.failed:
-                    parts = [done.parts[i] for i in range(done.chunks)]
-                    yield done.key, (torch.cat(parts) if parts else torch.zeros(0, self.model.config.vocab_size)), \
-                        done.num_samples
+                    parts = [done.parts.pop(i) for i in range(done.chunks)]  # freed once joined: one copy held
+                    logits = torch.cat(parts) if parts else torch.zeros(0, self.model.config.vocab_size)
+                    del parts
+                    yield done.key, logits, done.num_samples
             if exhausted and reading is None and not order:
                 return
 
