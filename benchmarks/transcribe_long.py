@@ -219,8 +219,9 @@ def report(rows: list[dict], args, argv) -> None:
         base = by.get(("2s", system))
         longest = max((r for r in rows if r["system"] == system), key=lambda r: r["audio_seconds"])
         if base and longest is not base:
+            target = " (target: <= +150 MB)" if system == "ours" else ""
             print(f"{system}: peak RSS on {longest['file']} is {longest['peak_mb'] - base['peak_mb']:+.0f} MB over the "
-                  f"2 s file (target for ours: <= +150 MB)")
+                  f"2 s file{target}")
     command = ["python", "benchmarks/transcribe_long.py", *(argv if argv is not None else sys.argv[1:])]
     print("command:", shlex.join(command))
 
