@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 
 from w2vbert_asr.cli import compose
@@ -37,3 +41,18 @@ def prepared_run(tmp_path_factory, sw_corpus):
     cfg = compose(_run_overrides(tmp_path_factory.mktemp("prepared_run"), sw_corpus))
     prepare(cfg)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """benchmarks/<name>.py imported as a module (benchmarks are scripts, not a package)."""
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        return module
+
+    return load

@@ -2,10 +2,7 @@
 the same loss on the same batches, a refused attention implementation is reported instead of crashing,
 and the analytic FLOP count agrees with torch's FlopCounterMode."""
 
-import importlib.util
-import sys
 import tempfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +10,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 # Two micro-batches of at most 2 x 3 s per implementation. One thread: on 2 cores shared with other
 # processes, two OpenMP threads spin against each other and run ~10x slower.
 TINY_ARGS = ["--device", "cpu", "--small", "--steps", "1", "--warmup", "1", "--max-batch-seconds", "6",
@@ -21,11 +17,8 @@ TINY_ARGS = ["--device", "cpu", "--small", "--steps", "1", "--warmup", "1", "--m
 
 
 @pytest.fixture(scope="module")
-def ts():
-    spec = importlib.util.spec_from_file_location("train_step_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+def ts(load_benchmark):
+    module = load_benchmark("train_step")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield module

@@ -1,18 +1,12 @@
 """The training-speed switches (train.adamw_impl, mixed_precision=auto on CPU) and the bookkeeping of
 benchmarks/train_vs_reference.py (its padding collator and its clock)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from w2vbert_asr import UsageError
 from w2vbert_asr import train as train_mod
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_vs_reference.py"
 
 
 def _tcfg(**kw):
@@ -57,12 +51,8 @@ def test_mixed_precision_on_cpu(monkeypatch, caplog):
 
 
 @pytest.fixture(scope="module")
-def tvr():
-    spec = importlib.util.spec_from_file_location("train_vs_reference_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+def tvr(load_benchmark):
+    return load_benchmark("train_vs_reference")
 
 
 def test_reference_collator_pads_and_counts_real_audio(tvr):
