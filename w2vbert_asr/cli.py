@@ -39,9 +39,10 @@ COMMANDS = {
     "transcribe": ("transcribe", "transcribe", "transcribe audio files or folders to txt, json and srt"),
     "lm": ("lm", "build_lm", "build an n-gram language model from the training text"),
     "push": ("hub", "push", "upload a model dir with a generated model card to the Hub"),
+    "export": ("export", "export", "write <model>/onnx/model.onnx (and int8) for the onnxruntime CPU backend"),
 }
 # For these commands `model=<dir or Hub id>` names the model to use, not the model config group.
-MODEL_ARG_COMMANDS = {"evaluate", "transcribe", "push", "lm"}
+MODEL_ARG_COMMANDS = {"evaluate", "transcribe", "push", "lm", "export"}
 # Hydra's flags that take a value (`--cfg job`), and `--info`'s optional one.
 HYDRA_FLAG_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun"}
@@ -52,7 +53,7 @@ INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "search
 # the runs it reads) takes none.
 LOCKED_FOLDER = {"synth": "synth.output_dir", "prepare": "output_dir", "train": "output_dir",
                  "evaluate": "eval.results_dir", "baseline": "baseline.results_dir", "lm": "output_dir",
-                 "push": "output_dir", "transcribe": "transcribe.output_dir"}
+                 "push": "output_dir", "transcribe": "transcribe.output_dir", "export": "model_dir"}
 # What to pass when a required value (`???` in conf/) is missing.
 REQUIRED = {"lang": "lang=<language code, e.g. sw> or recipe=<name>",
             "data.root": "data.root=<the dataset folder, e.g. a Common Voice language folder>"}

@@ -28,6 +28,7 @@ from .batching import DurationBatchSampler
 from .data import waves_of
 from .features import BatchFeatureExtractor, pad_waves
 from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
+from .onnx_model import check_backend, load_onnx_model
 from .storage import atomic_write_json, atomic_write_text
 from .text import Normalizer
 
@@ -144,7 +145,13 @@ def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, resul
     model_dir = _require_model_dir(model_dir)
     device = pick_device("auto")
     processor = Wav2Vec2BertProcessor.from_pretrained(model_dir)
-    model = load_ctc_model(model_dir, device)
+    backend = check_backend(cfg.eval.get("backend"))
+    if backend == "onnx":
+        model = load_onnx_model(model_dir, (cfg.get("export") or {}).get("quantize"))
+        n_params = model.num_parameters()
+    else:
+        model = load_ctc_model(model_dir, device)
+        n_params = sum(p.numel() for p in model.parameters())
     normalizer = Normalizer.load(model_dir)
     featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device)
     decoders = {"": greedy_decoder(processor.tokenizer)}
@@ -152,10 +159,9 @@ def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, resul
         from .lm import beam_decoder
 
         decoders["lm"] = beam_decoder(processor.tokenizer, lm_dir)
-    n_params = sum(p.numel() for p in model.parameters())
     header = {"system": "w2v-bert-2.0-ctc", "model": str(model_dir), "parameters": n_params,
-              "device": _device_name(device), "max_batch_seconds": cfg.eval.max_batch_seconds,
-              "max_batch_size": cfg.eval.max_batch_size}
+              "device": _device_name(device) if backend == "torch" else f"cpu (onnxruntime, {model.path.name})",
+              "max_batch_seconds": cfg.eval.max_batch_seconds, "max_batch_size": cfg.eval.max_batch_size}
     summary = {}
     for split, ds in datasets.items():
         for suffix, decode in decoders.items():

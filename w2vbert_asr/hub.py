@@ -215,6 +215,7 @@ def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = Non
         "    ids = model(**inputs).logits.argmax(-1)", "print(processor.batch_decode(ids)[0])", "```", "",
         "Long recordings with word timestamps and subtitles (`pip install w2vbert-asr`):", "", "```bash",
         f"w2vbert-asr transcribe model={repo_id} interview.mp3 recordings/    # -> .txt, .json, .srt", "```", "",
+        *_onnx_usage(model_dir, repo_id),
         "## Training", "",
         *(["```bash", str(command), "```"] if command else
           ["`w2vbert-asr train` with the configuration below (any value can be set as `key=value`)."]),
@@ -226,6 +227,34 @@ def build_card(model_dir: str | Path, repo_id: str, pcfg, lang: str | None = Non
         body += ["", "<details><summary>Full training configuration</summary>", "", "```yaml", config_yaml.strip(),
                  "```", "", "</details>"]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
+
+
+def _onnx_usage(model_dir: Path, repo_id: str) -> list[str]:
+    """Card lines for the ONNX export (`w2vbert-asr export`), when the folder has one: ten lines that need
+    onnxruntime and transformers' feature extractor (numpy), not torch and not w2vbert-asr."""
+    from .export import FP32_FILE, INT8_FILE, ONNX_DIR
+
+    onnx_dir = model_dir / ONNX_DIR
+    name = next((f for f in (INT8_FILE, FP32_FILE) if (onnx_dir / f).is_file()), None)
+    if name is None:
+        return []
+    graph = f"{ONNX_DIR}/{name}"
+    return [
+        "## Run on a CPU with onnxruntime", "",
+        f"`{graph}` takes the log-mel features and their mask and returns the logits and each clip's frame count "
+        f"(`pip install onnxruntime transformers huggingface_hub soundfile soxr`; no torch):", "",
+        "```python", "import json, numpy as np, onnxruntime as ort, soundfile as sf, soxr",
+        "from huggingface_hub import snapshot_download", "from transformers import AutoFeatureExtractor", "",
+        f'folder = snapshot_download("{repo_id}", allow_patterns=["*.json", "{graph}*"])',
+        'audio, sr = sf.read("clip.wav", dtype="float32")          # mono',
+        'x = AutoFeatureExtractor.from_pretrained(folder)(soxr.resample(audio, sr, 16000), sampling_rate=16000)',
+        f'logits, lengths = ort.InferenceSession(f"{{folder}}/{graph}").run(None, {{  # int64 mask',
+        '    k: np.asarray(x[k], dtype=np.int64 if k == "attention_mask" else np.float32) for k in x})',
+        'vocab = {i: c for c, i in json.load(open(f"{folder}/vocab.json")).items()}   # CTC: blank = 0',
+        "ids = logits[0, : lengths[0]].argmax(-1)",
+        'print("".join(vocab[i] for k, i in enumerate(ids) if i and (k == 0 or i != ids[k - 1])).replace("|", " "))',
+        "```", "",
+    ]
 
 
 # --------------------------------------------------------------------------------------------- staging

@@ -259,9 +259,19 @@ def read_blocks(path: str | Path, sampling_rate: int = SAMPLING_RATE,
 
 
 # --------------------------------------------------------------------------------------------- model
-def load_model(model_ref: str | Path, device: str | torch.device = "cpu"):
-    """-> (Wav2Vec2BertForCTC in eval mode on `device`, Wav2Vec2BertProcessor) from a local dir or Hub id."""
+def load_model(model_ref: str | Path, device: str | torch.device = "cpu", backend: str = "torch",
+               quantize: str | None = None):
+    """-> (Wav2Vec2BertForCTC in eval mode on `device`, Wav2Vec2BertProcessor) from a local dir or Hub id.
+    backend="onnx": the folder's onnxruntime export instead (`onnx_model.OnnxCTCModel`; quantize="int8"
+    picks the int8 file)."""
     from transformers import Wav2Vec2BertProcessor
+
+    from .onnx_model import check_backend, load_onnx_model, local_model_dir
+
+    if check_backend(backend) == "onnx":
+        model_dir = local_model_dir(model_ref)
+        model = load_onnx_model(model_dir, quantize)
+        return model, Wav2Vec2BertProcessor.from_pretrained(str(model_dir))
 
     ref = str(model_ref)
     local = Path(ref)
@@ -571,7 +581,8 @@ def transcribe(cfg: DictConfig) -> dict:
     if not files:
         raise UsageError(f"no audio files in {list(tcfg.inputs)} (extensions: {', '.join(sorted(audio_extensions()))})")
     device = pick_device(tcfg.device)
-    model, processor = load_model(cfg.model_dir, device)
+    model, processor = load_model(cfg.model_dir, device, tcfg.get("backend", "torch"),
+                                  (cfg.get("export") or {}).get("quantize"))
     lm_decoder, beam_width = None, 64
     if tcfg.get("lm"):
         from .lm import lm_info, load_decoder

@@ -1,0 +1,257 @@
+"""ONNX export and the onnxruntime backend: same logits and frame counts as torch on padded batches, same
+greedy transcripts, int8 within the CER bound, the model card's onnxruntime-only snippet, clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from w2vbert_asr import UsageError
+from w2vbert_asr.cli import compose
+from w2vbert_asr.export import FP32_FILE, INT8_FILE, ONNX_DIR, CTCWithLengths, export_model_dir
+from w2vbert_asr.features import SAMPLING_RATE, BatchFeatureExtractor, ctc_output_frames, pad_waves
+
+ATOL = 1e-4
+# Samples per clip: 1 s and 25 s, and fbank counts (n - 400) // 160 + 1 both odd and even, so the last
+# stacked frame is sometimes half padding (see CTCWithLengths).
+BATCH_SAMPLES = [16_000, 400_000, 16_160, 56_000, 32_320, 200_000, 17_000]
+EXPORT_CFG = {"quantize": "int8", "opset": 17, "dynamo": False, "optimize": "basic",
+              "int8": {"weight_type": "QInt8", "per_channel": False, "op_types": ["MatMul"]}}
+
+
+def _save_tiny_model(folder: Path, processor, seed: int = 0) -> Path:
+    """A random tiny Wav2Vec2BertForCTC saved as train exports it (weights, processor, normaliser)."""
+    from w2vbert_asr.model import build_model
+    from w2vbert_asr.text import Normalizer
+
+    torch.manual_seed(seed)
+    model = build_model(compose(["recipe=demo"]).model, processor.tokenizer)
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    Normalizer().save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A random tiny model folder exported in fp32 and int8."""
+    from w2vbert_asr.text import Vocabulary, build_processor
+
+    d = tmp_path_factory.mktemp("export")
+    processor = build_processor(Vocabulary.build(["habari ya asubuhi", "jambo rafiki yangu"]), d / "processor")
+    model_dir = _save_tiny_model(d / "model", processor)
+    result = export_model_dir(model_dir, EXPORT_CFG)
+    return model_dir, result
+
+
+def _features(model_dir: Path, samples: list[int], seed: int = 0):
+    from transformers import Wav2Vec2BertProcessor
+
+    rng = np.random.default_rng(seed)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in samples]
+    batch, lengths = pad_waves(waves)
+    featurizer = BatchFeatureExtractor.from_hf(Wav2Vec2BertProcessor.from_pretrained(model_dir).feature_extractor)
+    feats, mask = featurizer(batch, lengths)
+    return feats, mask, lengths
+
+
+def test_export_writes_dynamic_graphs(exported):
+    import onnx
+
+    model_dir, result = exported
+    for name in (FP32_FILE, INT8_FILE):
+        graph = onnx.load(str(model_dir / ONNX_DIR / name))
+        onnx.checker.check_model(graph)
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.graph.input}
+        assert dims == {"input_features": ["batch", "time", 160], "attention_mask": ["batch", "time"]}
+        assert [o.name for o in graph.graph.output] == ["logits", "output_lengths"]
+    assert result["int8_bytes"] < result["fp32_bytes"]
+
+
+@pytest.mark.parametrize("samples", [BATCH_SAMPLES[:1], BATCH_SAMPLES], ids=["batch1", "batch7"])
+def test_ort_fp32_matches_torch_on_a_padded_batch(exported, samples):
+    from w2vbert_asr.model import load_ctc_model
+    from w2vbert_asr.onnx_model import load_onnx_model
+
+    model_dir, _ = exported
+    feats, mask, lengths = _features(model_dir, samples)
+    with torch.no_grad():
+        expected = load_ctc_model(model_dir)(input_features=feats, attention_mask=mask).logits
+    out = load_onnx_model(model_dir)(input_features=feats, attention_mask=mask)
+    assert out.logits.shape == expected.shape
+    torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
+    frames = ctc_output_frames(lengths, load_onnx_model(model_dir).config)
+    assert out.output_lengths.tolist() == frames.tolist()
+
+
+def test_in_graph_lengths_equal_output_lengths_on_odd_and_even_frame_counts(exported):
+    """Every length from 35 ms to 0.2 s, one sample at a time past each fbank boundary, in one padded batch."""
+    from w2vbert_asr.model import load_ctc_model, output_lengths
+
+    model_dir, _ = exported
+    samples = list(range(560, 3_400, 80))
+    fbank = [(n - 400) // 160 + 1 for n in samples]
+    assert {f % 2 for f in fbank} == {0, 1}
+    feats, mask, lengths = _features(model_dir, samples)
+    model = load_ctc_model(model_dir)
+    with torch.no_grad():
+        _, frames = CTCWithLengths(model)(feats, mask)
+    assert frames.tolist() == output_lengths(lengths, model.config).tolist()
+
+
+def test_int8_logits_stay_close_to_fp32(exported):
+    """Fast check of the int8 file on the random tiny model (the CER bound on a trained model is the
+    slow test below): same shapes and frame counts, small error, the same argmax on most frames."""
+    from w2vbert_asr.onnx_model import load_onnx_model
+
+    model_dir, _ = exported
+    feats, mask, _ = _features(model_dir, BATCH_SAMPLES[:4])
+    fp32 = load_onnx_model(model_dir)(input_features=feats, attention_mask=mask)
+    int8 = load_onnx_model(model_dir, "int8")(input_features=feats, attention_mask=mask)
+    assert int8.output_lengths.tolist() == fp32.output_lengths.tolist()
+    error = (int8.logits - fp32.logits).abs().mean() / fp32.logits.std()
+    assert 0 < error < 0.1, error  # int8 really is different, and close
+    agree = (int8.logits.argmax(-1) == fp32.logits.argmax(-1)).float().mean()
+    assert agree > 0.9, agree
+
+
+def test_greedy_transcripts_identical_torch_and_onnx(tmp_path, prepared_run):
+    """evaluate with eval.backend=onnx gives exactly the torch backend's hypotheses on the dev split."""
+    from transformers import Wav2Vec2BertProcessor
+
+    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.evaluate import evaluate_model
+
+    out = Path(prepared_run.output_dir)
+    processor = Wav2Vec2BertProcessor.from_pretrained(out / "processor")
+    model_dir = _save_tiny_model(tmp_path / "model", processor, seed=1)
+    export_model_dir(model_dir, {**EXPORT_CFG, "quantize": None})
+    dev = load_prepared(out, "dev")
+    rows = {}
+    for backend in ("torch", "onnx"):
+        cfg = compose(["recipe=demo", f"output_dir={tmp_path}", f"eval.backend={backend}"])
+        evaluate_model(model_dir, cfg, {"dev": dev}, tmp_path / backend)
+        rows[backend] = [json.loads(line) for line in (tmp_path / backend / "predictions" / "dev.jsonl").open()]
+        header = json.loads((tmp_path / backend / "metrics.json").read_text())
+    assert "onnxruntime" in header["device"]
+    assert len(rows["onnx"]) == len(dev) > 0
+    assert [r["hypothesis"] for r in rows["onnx"]] == [r["hypothesis"] for r in rows["torch"]]
+    assert any(r["hypothesis"] for r in rows["torch"])  # not trivially equal
+
+
+def test_transcribe_command_on_onnx_backend(tmp_path, exported):
+    """The CLI path: positional audio, transcribe.backend=onnx, the int8 file; txt/json/srt written."""
+    from w2vbert_asr.cli import main
+
+    model_dir, _ = exported
+    wave = (0.1 * np.random.default_rng(3).standard_normal(SAMPLING_RATE * 3)).astype(np.float32)
+    sf.write(tmp_path / "clip.wav", wave, SAMPLING_RATE)
+    main(["transcribe", f"model={model_dir}", str(tmp_path / "clip.wav"), "transcribe.backend=onnx",
+          "export.quantize=int8", f"transcribe.output_dir={tmp_path / 'out'}", "transcribe.chunk_seconds=2",
+          "transcribe.overlap_seconds=0.5"])
+    saved = json.loads((tmp_path / "out" / "clip.json").read_text())
+    assert saved["duration"] == pytest.approx(3.0)
+    assert (tmp_path / "out" / "clip.srt").is_file() and (tmp_path / "out" / "clip.txt").is_file()
+
+
+def test_model_card_snippet_runs_with_onnxruntime_alone(tmp_path, exported, monkeypatch):
+    """The card's ten lines, run as written (the download pointed at the local folder), print the greedy
+    transcript that our torch path gives."""
+    import huggingface_hub
+
+    from w2vbert_asr.hub import build_card
+    from w2vbert_asr.transcribe import Transcriber, load_model
+
+    model_dir, _ = exported
+    card = str(build_card(model_dir, "me/tiny", compose(["recipe=demo"]).push))
+    section = card.split("## Run on a CPU with onnxruntime")[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    assert len([line for line in code.splitlines() if line.strip()]) <= 11  # ten lines + the long call's tail
+    assert "w2vbert_asr" not in code and "torch" not in code
+    wave = (0.1 * np.random.default_rng(4).standard_normal(SAMPLING_RATE * 2)).astype(np.float32)
+    sf.write(tmp_path / "clip.wav", wave, SAMPLING_RATE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(model_dir))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "card", "exec"), {})
+    model, processor = load_model(model_dir, backend="onnx", quantize="int8")
+    [expected] = Transcriber(model, processor, device="cpu").transcribe([wave])
+    assert printed.getvalue().split() == expected.text.split()
+
+
+def test_clear_errors(tmp_path, exported):
+    from w2vbert_asr.evaluate import evaluate_model
+    from w2vbert_asr.onnx_model import load_onnx_model
+    from w2vbert_asr.transcribe import load_model
+
+    model_dir, _ = exported
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(UsageError, match=r"w2vbert-asr export model=.*bare"):
+        load_model(bare, backend="onnx")
+    with pytest.raises(UsageError, match=r"w2vbert-asr export model=.*bare"):
+        evaluate_model(bare, compose(["recipe=demo", "eval.backend=onnx"]), {}, tmp_path)
+    (bare / ONNX_DIR).mkdir()
+    (bare / ONNX_DIR / FP32_FILE).write_bytes((model_dir / ONNX_DIR / FP32_FILE).read_bytes())
+    with pytest.raises(UsageError, match=r"export model=.*bare export.quantize=int8"):
+        load_onnx_model(bare, "int8")
+    with pytest.raises(UsageError, match="choose torch or onnx"):
+        load_model(model_dir, backend="tensorrt")
+    with pytest.raises(UsageError, match="choose null"):
+        load_onnx_model(model_dir, "int4")
+
+
+def test_cli_export_command(tmp_path, exported, capsys):
+    from w2vbert_asr.cli import main
+
+    model_dir, _ = exported
+    copy = tmp_path / "model"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (copy / f.name).write_bytes(f.read_bytes())
+    main(["export", f"model={copy}", "export.optimize=none"])
+    assert (copy / ONNX_DIR / FP32_FILE).is_file() and not (copy / ONNX_DIR / INT8_FILE).exists()
+    assert "transcribe.backend=onnx" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_trained_model_int8_cer_within_half_a_point(tmp_path, prepared_run, run_overrides):
+    """A tiny model trained on the small synthetic corpus: ORT fp32 transcribes the dev split exactly as
+    torch does, and int8's test CER is at most 0.5 points above fp32's."""
+    import shutil
+
+    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.evaluate import evaluate_model
+    from w2vbert_asr.train import train
+
+    src = Path(prepared_run.output_dir)
+    for name in ("prepared", "processor"):
+        shutil.copytree(src / name, tmp_path / name)
+    shutil.copy(src / "prepare_report.json", tmp_path)
+    train(compose(run_overrides(tmp_path, prepared_run.data.root, "train.max_steps=200", "train.eval_steps=200",
+                                "train.warmup_steps=40")))
+    model_dir = tmp_path / "model"
+    export_model_dir(model_dir, EXPORT_CFG)
+    splits = {s: load_prepared(tmp_path, s) for s in ("dev", "test")}
+    summary, rows = {}, {}
+    for name, overrides in {"torch": [], "onnx": ["eval.backend=onnx"],
+                            "int8": ["eval.backend=onnx", "export.quantize=int8"]}.items():
+        cfg = compose(["recipe=demo", f"output_dir={tmp_path}", *overrides])
+        summary[name] = evaluate_model(model_dir, cfg, splits, tmp_path / name)
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "predictions" / "dev.jsonl").open()]
+    assert [r["hypothesis"] for r in rows["onnx"]] == [r["hypothesis"] for r in rows["torch"]]
+    assert summary["onnx"]["test"]["cer"] < 0.5  # trained: the bound below means something
+    assert summary["int8"]["test"]["cer"] <= summary["onnx"]["test"]["cer"] + 0.005
