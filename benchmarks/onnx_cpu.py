@@ -2,7 +2,9 @@
 
 Usage:
     python benchmarks/onnx_cpu.py --size tiny                       # tiny architecture (~1 min)
-    python benchmarks/onnx_cpu.py --size 600m --repeats 1           # the 600M shape: export ~5 min, 2.4 GB
+    python benchmarks/onnx_cpu.py --size 600m --repeats 1 --seconds 3 --batch-sizes 1 --profile   # export ~10 min
+    python benchmarks/onnx_cpu.py --size 600m --repeats 1 --seconds 3 --batch-sizes 8 --warmup 0 \
+        --work-dir <the same> --skip-export                        # batch 8 of the 600M shape: ~15 min
     python benchmarks/onnx_cpu.py --size 600m --threads 2 --batch-sizes 1 --profile   # where int8 time goes
     python benchmarks/onnx_cpu.py --variants --model-dir demo_out/model --run-dir demo_out   # int8 variants
 
@@ -13,7 +15,7 @@ Models are built from config with random weights (nothing is downloaded): `--siz
 the MatMuls from conf/config.yaml's `export.int8`), into --work-dir.
 
 Timed: the model alone (features `(B, T, 160)` and mask precomputed by BatchFeatureExtractor from random
-speech-level noise clips of --seconds; every backend gets the same arrays), after one untimed warm-up run,
+speech-level noise clips of --seconds; every backend gets the same arrays), after --warmup untimed runs,
 best of --repeats, the backends interleaved so that load from other processes hits them alike. RTFx =
 audio seconds / wall seconds. torch uses torch.set_num_threads(n), onnxruntime intra_op_num_threads=n.
 Printed: RTFx per backend, threads and batch size, the ratio of each to torch fp32 eager, file sizes,
@@ -123,13 +125,13 @@ def run_speed(args) -> None:
                 feats, mask, audio = make_batch(batch, args.seconds)
                 best = {k: float("inf") for k in runners}
                 outputs = {}
-                for rep in range(args.repeats + 1):  # the first pass is the warm-up
+                for rep in range(args.repeats + args.warmup):  # the first --warmup passes are untimed
                     for name, model in runners.items():
                         with torch.no_grad():
                             start = time.perf_counter()
                             out = model(input_features=feats, attention_mask=mask).logits
                             seconds = time.perf_counter() - start
-                        if rep:
+                        if rep >= args.warmup:
                             best[name] = min(best[name], seconds)
                         outputs[name] = out
                 diff = (outputs["ORT fp32"] - outputs["torch fp32 eager"]).abs().max().item()
@@ -230,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--seconds", type=float, default=5.0, help="longest clip of a batch (others down to 80%%)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per backend (best is kept)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed passes over the backends first")
     parser.add_argument("--work-dir", help="where the ONNX files go (default: a new temporary folder)")
     parser.add_argument("--skip-export", action="store_true", help="reuse the files in --work-dir")
     parser.add_argument("--profile", action="store_true", help="also print onnxruntime's per-op profile")

@@ -16,10 +16,13 @@ Batch and time are dynamic axes. Weights go to external data (`model.onnx.data`)
 pass protobuf's 2 GB limit (the 600M model). The padding hooks (model.attach_padding_hooks) are traced
 into the graph, so a padded batch gives the logits that torch gives.
 
-Steps: torch's TorchScript exporter (the dynamo exporter was tried: see benchmarks/README.md), then
-onnxruntime's offline graph optimisation (constant folding, fusions) written back as the model file,
-then, with export.quantize=int8, onnxruntime's dynamic quantisation (int8 weights, activations
-quantised per batch at run time) of the operators in export.int8.op_types.
+Steps: torch's TorchScript exporter (export.dynamo=true: the dynamo exporter, same graph speed, ~10x
+slower to export, needs onnxscript), with two exact rewrites that onnxruntime runs faster
+(`export_rewrites`: the relative-position bias as a MatMul + Gather, pointwise convolutions as MatMuls);
+then onnxruntime's offline graph optimisation (export.optimize: constant folding, redundant nodes)
+written back as the model file; then, with export.quantize=int8, onnxruntime's dynamic quantisation
+(int8 weights, activations quantised per batch at run time) of the operators in export.int8.op_types.
+What was measured for each choice: benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -267,6 +270,7 @@ def quantize_int8(fp32_path: str | Path, int8_path: str | Path, weight_type: str
     if weight_type not in types:
         raise UsageError(f"export.int8.weight_type={weight_type!r}: choose QInt8 or QUInt8")
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
     for old in (int8_path, int8_path.with_name(int8_path.name + ".data")):
         old.unlink(missing_ok=True)
     external = fp32_path.with_name(fp32_path.name + ".data").is_file()
