@@ -113,7 +113,7 @@ def test_int8_logits_stay_close_to_fp32(exported):
     from w2vbert_asr.onnx_model import load_onnx_model
 
     model_dir, _ = exported
-    feats, mask, _ = _features(model_dir, BATCH_SAMPLES[:4])
+    feats, mask, _ = _features(model_dir, [n for n in BATCH_SAMPLES if n < 100_000])
     fp32 = load_onnx_model(model_dir)(input_features=feats, attention_mask=mask)
     int8 = load_onnx_model(model_dir, "int8")(input_features=feats, attention_mask=mask)
     assert int8.output_lengths.tolist() == fp32.output_lengths.tolist()

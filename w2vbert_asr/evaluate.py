@@ -4,6 +4,7 @@ Usage:
     w2vbert-asr evaluate recipe=demo                           # the demo model on the synthetic test split
     w2vbert-asr evaluate model=outputs/mn/model recipe=mn data.root=/data/cv/mn eval.split=dev
     w2vbert-asr evaluate model=outputs/mn/model eval.lm=outputs/mn/lm   # also WER with the n-gram LM
+    w2vbert-asr evaluate recipe=demo eval.backend=onnx export.quantize=int8   # onnxruntime (`export` first)
 
 Writes into `eval.results_dir` (default: output_dir):
     metrics.json                  per split: wer, cer, utterances, audio_hours, rtf, rtfx, device ...
