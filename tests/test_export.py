@@ -238,23 +238,30 @@ def test_cli_export_command(tmp_path, exported, capsys):
 
 @pytest.mark.slow
 def test_trained_model_int8_cer_within_half_a_point(tmp_path, prepared_run, run_overrides):
-    """A tiny model trained on the small synthetic corpus: ORT fp32 transcribes the dev split exactly as
-    torch does, and int8's test CER is at most 0.5 points above fp32's."""
+    """A trained tiny model: ORT fp32 transcribes the dev split exactly as torch does, and int8's test CER
+    is at most 0.5 points above fp32's. W2VBERT_DEMO_RUN=<a `make demo` output folder> uses that run
+    (its model is exported into a copy); otherwise a model is trained here on the small corpus."""
+    import os
     import shutil
 
     from w2vbert_asr.data import load_prepared
     from w2vbert_asr.evaluate import evaluate_model
     from w2vbert_asr.train import train
 
-    src = Path(prepared_run.output_dir)
-    for name in ("prepared", "processor"):
-        shutil.copytree(src / name, tmp_path / name)
-    shutil.copy(src / "prepare_report.json", tmp_path)
-    train(compose(run_overrides(tmp_path, prepared_run.data.root, "train.max_steps=200", "train.eval_steps=200",
-                                "train.warmup_steps=40")))
+    if os.environ.get("W2VBERT_DEMO_RUN"):
+        run = Path(os.environ["W2VBERT_DEMO_RUN"])
+        shutil.copytree(run / "model", tmp_path / "model", ignore=shutil.ignore_patterns("onnx", ".*"))
+    else:
+        run = tmp_path
+        src = Path(prepared_run.output_dir)
+        for name in ("prepared", "processor"):
+            shutil.copytree(src / name, tmp_path / name)
+        shutil.copy(src / "prepare_report.json", tmp_path)
+        train(compose(run_overrides(tmp_path, prepared_run.data.root, "train.max_steps=250",
+                                    "train.eval_steps=250", "train.warmup_steps=50")))
     model_dir = tmp_path / "model"
     export_model_dir(model_dir, EXPORT_CFG)
-    splits = {s: load_prepared(tmp_path, s) for s in ("dev", "test")}
+    splits = {s: load_prepared(run, s) for s in ("dev", "test")}
     summary, rows = {}, {}
     for name, overrides in {"torch": [], "onnx": ["eval.backend=onnx"],
                             "int8": ["eval.backend=onnx", "export.quantize=int8"]}.items():
@@ -264,3 +271,13 @@ def test_trained_model_int8_cer_within_half_a_point(tmp_path, prepared_run, run_
     assert [r["hypothesis"] for r in rows["onnx"]] == [r["hypothesis"] for r in rows["torch"]]
     assert summary["onnx"]["test"]["cer"] < 0.5  # trained: the bound below means something
     assert summary["int8"]["test"]["cer"] <= summary["onnx"]["test"]["cer"] + 0.005
+
+def test_push_stages_the_onnx_folder(tmp_path, exported):
+    """push (dry run: exactly the folder a real push uploads) carries onnx/ and the card's onnxruntime section."""
+    from w2vbert_asr.hub import push
+
+    model_dir, _ = exported
+    result = push(compose(["recipe=demo", f"model_dir={model_dir}", "push.dry_run=true",
+                           f"push.staging_dir={tmp_path / 'stage'}"]))
+    assert {f"{ONNX_DIR}/{FP32_FILE}", f"{ONNX_DIR}/{INT8_FILE}"} <= set(result["files"])
+    assert "## Run on a CPU with onnxruntime" in (tmp_path / "stage" / "README.md").read_text()
