@@ -281,3 +281,23 @@ def test_push_stages_the_onnx_folder(tmp_path, exported):
                            f"push.staging_dir={tmp_path / 'stage'}"]))
     assert {f"{ONNX_DIR}/{FP32_FILE}", f"{ONNX_DIR}/{INT8_FILE}"} <= set(result["files"])
     assert "## Run on a CPU with onnxruntime" in (tmp_path / "stage" / "README.md").read_text()
+
+
+def test_cpu_benchmark_smoke(tmp_path, capsys):
+    """benchmarks/onnx_cpu.py on the tiny shape, one short clip: every backend timed, ORT equal to torch."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "onnx_cpu.py"
+    spec = importlib.util.spec_from_file_location("onnx_cpu_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--size", "tiny", "--threads", "1", "--batch-sizes", "2", "--seconds", "1", "--repeats", "1",
+                    "--work-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| tiny |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert all(float(c) > 0 for c in cells[4:8])  # RTFx of the four backends
+    assert float(cells[-1]) < ATOL  # max |ORT fp32 - torch|
