@@ -48,12 +48,13 @@ HYDRA_FLAG_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
                      "--config-dir", "-cd", "--experimental-rerun"}
 INFO_CHOICES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 # The config key of the folder each command writes: the main process locks it for the whole command, so
-# two commands never write into one folder at once. lm and push rebuild lm.output_dir / push.staging_dir
+# two commands never write into one folder at once. lm, push and export rebuild lm.output_dir, push.staging_dir,
+# <model_dir>/onnx
 # whole, so the run folder around them holds their lock. compare (which may learn its folder only from
 # the runs it reads) takes none.
 LOCKED_FOLDER = {"synth": "synth.output_dir", "prepare": "output_dir", "train": "output_dir",
                  "evaluate": "eval.results_dir", "baseline": "baseline.results_dir", "lm": "output_dir",
-                 "push": "output_dir", "transcribe": "transcribe.output_dir", "export": "model_dir"}
+                 "push": "output_dir", "transcribe": "transcribe.output_dir", "export": "output_dir"}
 # What to pass when a required value (`???` in conf/) is missing.
 REQUIRED = {"lang": "lang=<language code, e.g. sw> or recipe=<name>",
             "data.root": "data.root=<the dataset folder, e.g. a Common Voice language folder>"}
