@@ -40,9 +40,10 @@ COMMANDS = {
     "lm": ("lm", "build_lm", "build an n-gram language model from the training text"),
     "push": ("hub", "push", "upload a model dir with a generated model card to the Hub"),
     "export": ("export", "export", "write <model>/onnx/model.onnx (and int8) for the onnxruntime CPU backend"),
+    "pseudolabel": ("pseudolabel", "pseudolabel", "label unlabelled clips (other.tsv) for self-training; or run its rounds"),
 }
 # For these commands `model=<dir or Hub id>` names the model to use, not the model config group.
-MODEL_ARG_COMMANDS = {"evaluate", "transcribe", "push", "lm", "export"}
+MODEL_ARG_COMMANDS = {"evaluate", "transcribe", "push", "lm", "export", "pseudolabel"}
 # Hydra's flags that take a value (`--cfg job`), and `--info`'s optional one.
 HYDRA_FLAG_VALUES = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun"}

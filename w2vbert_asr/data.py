@@ -61,7 +61,7 @@ PREPARED_FORMAT = 2
 COLUMNS = ("id", "path", "sentence", "text", "duration", "speaker", "audio")
 # Skip reasons, in the order they are checked (cheap checks first: no decoding for a bad path or text).
 REASONS = ("path_escape", "empty_text", "contains_digits", "missing_file", "undecodable_audio", "duration",
-           "transcript_too_long")
+           "transcript_too_long", "out_of_vocabulary")
 # Columns naming who spoke a row (Common Voice: client_id); `compare` resamples whole speakers when known.
 SPEAKER_COLUMNS = ("client_id", "speaker_id", "speaker")
 # Rows per unit of work for the decoding processes: small enough to balance the processes and keep the
@@ -470,14 +470,16 @@ def _table(examples: list[dict], schema):
 
 
 def prepare_split(cfg: DictConfig, split: str, normalizer: Normalizer, out_file: Path,
-                  decoder: Decoder | None = None) -> tuple[SplitReport, list[str]]:
-    """Read, filter and write one split. -> (report, normalised texts kept).
+                  decoder: Decoder | None = None, rows: Iterable[RawRow] | None = None,
+                  vocab: set[str] | None = None) -> tuple[SplitReport, list[str]]:
+    """Read, filter and write one split. -> (report, normalised texts kept). rows: read these instead of
+    the split's source; vocab: skip rows with other characters (pseudo-labels, data.extra_train).
 
     Results are streamed to the Arrow file in row order, one table per CHUNK_ROWS kept rows. A full disk
     gives one error naming the free space and the folder, after removing the partial file."""
     if decoder is None:
         with Decoder(_Rules.from_config(cfg, normalizer), num_processes(cfg.data.get("num_proc"))) as decoder:
-            return prepare_split(cfg, split, normalizer, out_file, decoder)
+            return prepare_split(cfg, split, normalizer, out_file, decoder, rows, vocab)
     from datasets.arrow_writer import ArrowWriter
     from tqdm.auto import tqdm
 
@@ -487,9 +489,12 @@ def prepare_split(cfg: DictConfig, split: str, normalizer: Normalizer, out_file:
     with disk_full_guard(out_file.parent, cleanup=[out_file], advice="then run the command again"), \
             ArrowWriter(features=features, path=str(out_file)) as writer, \
             tqdm(desc=f"prepare {split}", unit="clip", mininterval=2) as bar:  # shows clips/s
-        for row, (example, reason, detail) in decoder.map(read_split(cfg.data, split)):
+        for row, (example, reason, detail) in decoder.map(read_split(cfg.data, split) if rows is None else rows):
             report.rows += 1
             bar.update()
+            if example is not None and vocab is not None and set(example["text"]) - vocab - {" "}:
+                oov = "".join(sorted(set(example["text"]) - vocab - {" "}))
+                example, reason, detail = None, "out_of_vocabulary", f"{oov!r} not in the labelled train vocabulary"
             if example is None:
                 report.skip(row, reason, detail, cfg.data.report_examples)
                 continue
@@ -607,7 +612,7 @@ def _fingerprint(cfg: DictConfig) -> dict:
                 "model frame rate": _digest(rules.frames)}
     sources = dict.fromkeys(s for srcs in splits_of(cfg.data).values() for s in srcs)
     stamp = {"format": PREPARED_FORMAT, "columns": list(COLUMNS), "settings": settings,
-             "inputs": _input_digests(cfg.data, sources)}
+             "inputs": {**_input_digests(cfg.data, sources), **_extra_train_digests(cfg.data)}}
     stamp["fingerprint"] = _digest(stamp)
     return stamp
 
@@ -633,6 +638,23 @@ def _read_stamp(stamp: Path) -> dict | None:
     except ValueError:  # a plain fingerprint string: written before the inputs were tracked
         return {"format": 1}
     return old if isinstance(old, dict) else {"format": 1}
+
+
+def _extra_train_digests(data_cfg: DictConfig) -> dict[str, str]:
+    """data.extra_train manifests by content: a new round's pseudo-labels under the same name re-prepare."""
+    out = {}
+    for manifest in data_cfg.get("extra_train") or []:
+        path = Path(manifest)
+        if not path.is_file():
+            raise UsageError(f"data.extra_train: {path} not found (a manifest from `w2vbert-asr pseudolabel`)")
+        out[f"extra_train {path}"] = _file_digest(path)
+    return out
+
+
+def extra_train_rows(data_cfg: DictConfig) -> Iterator[RawRow]:
+    """Rows of the data.extra_train manifests (columns `path` and `text`, e.g. pseudo.tsv)."""
+    for manifest in data_cfg.get("extra_train") or []:
+        yield from read_manifest(Path(manifest), "path", "text", None)
 
 
 # --------------------------------------------------------------------------------------------- prepare
@@ -678,6 +700,15 @@ def prepare(cfg: DictConfig) -> dict:
                 kept_texts += t
             report["splits"][name] = merged.to_dict()
             texts[name] = kept_texts
+            if name == "train" and cfg.data.get("extra_train"):
+                # Pseudo-labelled rows join train only, after the labelled ones, and only with characters of
+                # the labelled vocabulary (which they never extend: texts["train"] stays the labelled text).
+                parts.append(prepared / "train.extra.arrow.tmp")
+                vocab = set(Vocabulary.build(kept_texts, cfg.text.min_char_count).chars)
+                extra, _ = prepare_split(cfg, "extra_train", normalizer, parts[-1], decoder,
+                                         extra_train_rows(cfg.data), vocab)
+                report["extra_train"] = extra.to_dict()
+                _print_summary({"extra_train": report["extra_train"]})
             _merge_arrow(parts, prepared / f"{name}.arrow")
     _print_summary(report["splits"])
     empty = [s for s, r in report["splits"].items() if r["kept"] == 0]

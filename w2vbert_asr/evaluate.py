@@ -8,7 +8,8 @@ Usage:
 
 Writes into `eval.results_dir` (default: output_dir):
     metrics.json                  per split: wer, cer, utterances, audio_hours, rtf, rtfx, device ...
-    predictions/<split>.jsonl     id, reference, hypothesis, wer, cer, duration, speaker (when the data names one)
+    predictions/<split>.jsonl     id, reference, hypothesis, wer, cer, duration, speaker (when the data names one),
+                                  confidence (utterance), word_confidence (one per hypothesis word; confidence.py)
 The Whisper baseline (`w2vbert-asr baseline`) writes the very same files, so `compare` can read both.
 """
 
@@ -25,6 +26,7 @@ import torch
 from omegaconf import DictConfig
 
 from . import UsageError
+from .confidence import Confidence, Hypothesis, greedy_hypothesis
 from .batching import DurationBatchSampler
 from .data import waves_of
 from .features import BatchFeatureExtractor, pad_waves
@@ -102,18 +104,23 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def greedy_decoder(tokenizer) -> Callable[[torch.Tensor, torch.Tensor], list[str]]:
-    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+def greedy_decoder(tokenizer, confidence: Confidence | None = None) -> Callable[[torch.Tensor, torch.Tensor], list]:
+    """(logits (B, T, V), lengths (B,)) -> texts, or `Hypothesis` objects (with confidences) when given a measure."""
+    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list:
+        if confidence is not None:
+            rows = logits.detach().float().cpu()
+            return [greedy_hypothesis(row[:n], tokenizer, confidence) for row, n in zip(rows, lengths.tolist())]
         return [tokenizer.decode(ids) for ids in ctc_greedy_ids(logits, lengths)]
 
     return decode
 
 
-def score(dataset, hypotheses: list[str], normalizer: Normalizer) -> tuple[dict, list[dict]]:
+def score(dataset, hypotheses: list, normalizer: Normalizer) -> tuple[dict, list[dict]]:
     """-> (split metrics, per-utterance rows). References are the prepared (normalised) texts; hypotheses
-    go through the same normaliser so every system is scored identically."""
+    (texts or `Hypothesis` objects, whose confidences the rows then carry) go through the same normaliser
+    so every system is scored identically."""
     refs = [str(t) for t in dataset["text"]]
-    hyps = [normalizer(h) for h in hypotheses]
+    hyps = [normalizer(h.text if isinstance(h, Hypothesis) else h) for h in hypotheses]
     durations = [float(d) for d in dataset["duration"]]
     rows = [{"id": str(i), "reference": r, "hypothesis": h, **utterance_rates(r, h), "duration": round(d, 3)}
             for i, r, h, d in zip(dataset["id"], refs, hyps, durations)]
@@ -121,6 +128,10 @@ def score(dataset, hypotheses: list[str], normalizer: Normalizer) -> tuple[dict,
         for row, spk in zip(rows, dataset["speaker"]):
             if spk:
                 row["speaker"] = str(spk)
+    for row, h in zip(rows, hypotheses):
+        if isinstance(h, Hypothesis):
+            row["confidence"] = round(h.confidence, 4)
+            row["word_confidence"] = [round(w[3], 4) for w in h.words]
     metrics = {**error_rates(refs, hyps), "utterances": len(refs), "audio_hours": sum(durations) / 3600}
     return metrics, rows
 
@@ -155,11 +166,12 @@ def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, resul
         n_params = sum(p.numel() for p in model.parameters())
     normalizer = Normalizer.load(model_dir)
     featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device)
-    decoders = {"": greedy_decoder(processor.tokenizer)}
+    confidence = Confidence.from_config(cfg.get("confidence"))
+    decoders = {"": greedy_decoder(processor.tokenizer, confidence)}
     if lm_dir:
         from .lm import beam_decoder
 
-        decoders["lm"] = beam_decoder(processor.tokenizer, lm_dir)
+        decoders["lm"] = beam_decoder(processor.tokenizer, lm_dir, confidence=confidence)
     header = {"system": "w2v-bert-2.0-ctc", "model": str(model_dir), "parameters": n_params,
               "device": _device_name(device) if backend == "torch" else f"cpu (onnxruntime, {model.path.name})",
               "max_batch_seconds": cfg.eval.max_batch_seconds, "max_batch_size": cfg.eval.max_batch_size}

@@ -209,16 +209,23 @@ def lm_info(lm_dir: str | Path) -> dict:
 
 
 def beam_decoder(tokenizer, lm_dir: str | Path, beam_width: int | None = None, alpha: float | None = None,
-                 beta: float | None = None) -> Callable[[torch.Tensor, torch.Tensor], list[str]]:
-    """Decoder for `evaluate.decode_dataset`: (logits (B, T, V) float, valid lengths (B,)) -> texts.
+                 beta: float | None = None, confidence=None) -> Callable[[torch.Tensor, torch.Tensor], list]:
+    """Decoder for `evaluate.decode_dataset`: (logits (B, T, V) float, valid lengths (B,)) -> texts, or
+    `confidence.Hypothesis` objects (word confidences over the best beam's word frames) given a measure.
 
     beam_width/alpha/beta default to what `w2vbert-asr lm` stored (cfg.lm.*)."""
     decoder = load_decoder(tokenizer, lm_dir, alpha, beta)
     width = int(beam_width or lm_info(lm_dir).get("beam_width", 64))
 
-    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
-        arrays = logits.detach().float().cpu().numpy()
-        return [decoder.decode(a[:n], beam_width=width) for a, n in zip(arrays, lengths.cpu().tolist())]
+    def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list:
+        rows = logits.detach().float().cpu()
+        arrays = rows.numpy()
+        if confidence is None:
+            return [decoder.decode(a[:n], beam_width=width) for a, n in zip(arrays, lengths.cpu().tolist())]
+        from .confidence import beam_hypothesis
+
+        return [beam_hypothesis(row[:n], decoder.decode_beams(a[:n], beam_width=width)[0], tokenizer.pad_token_id,
+                                confidence) for row, a, n in zip(rows, arrays, lengths.cpu().tolist())]
 
     return decode
 

@@ -66,6 +66,23 @@ def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
     return model
 
 
+def load_weights(model: Wav2Vec2BertForCTC, model_dir) -> None:
+    """Overwrite `model`'s weights with a saved model's (same architecture and vocabulary, safetensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(model_dir) / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"train.init_from={model_dir}: no model.safetensors there; give a trained model dir")
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except RuntimeError as e:
+        raise UsageError(f"train.init_from={model_dir} does not fit this model (other architecture or "
+                         f"vocabulary?): {str(e).splitlines()[0]} ...") from e
+    log.info("initialised from %s", path)
+
+
 def configure_trainable(model: Wav2Vec2BertForCTC, model_cfg: DictConfig) -> None:
     """Freeze what the recipe asks (Wav2Vec2BertForCTC has no freeze_feature_encoder: it has no CNN)."""
     w2v = model.wav2vec2_bert

@@ -42,7 +42,9 @@ CV_COLUMNS = (
     "down_votes", "age", "gender", "accents", "variant", "locale", "segment",
 )
 SPLITS = ("train", "dev", "test")
-EMPTY_TSVS = ("invalidated.tsv", "other.tsv")  # present in real releases; we reject nothing
+UNLABELLED = "other"  # Common Voice's recorded-but-not-yet-validated clips: the pseudo-labelling pool
+EMPTY_TSVS = ("invalidated.tsv",)  # present in real releases; we reject nothing
+POOL_STREAM = 4_051  # rng stream of the unlabelled pool's plan: adding a pool never changes train/dev/test
 CLIP_ID_BASE = 30_000_000  # CV clip ids are ~8-digit integers
 AGES = ("", "teens", "twenties", "thirties", "fourties", "fifties")  # CV's own spelling
 
@@ -315,11 +317,16 @@ def _plan_speakers(rng: np.random.Generator, lang: str, seed: int, clip_counts: 
 def synthesize_corpus(
     out_dir: str | os.PathLike, lang: str, num_clips: int = 300, seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1), words_per_sentence: tuple[int, int] = (2, 5),
+    num_unlabelled: int = 0,
 ) -> dict:
     """Write a Common Voice release layout for `lang` under `out_dir`.
 
     Creates `clips/*.mp3` (48 kHz), `train.tsv`, `dev.tsv`, `test.tsv`, `validated.tsv`
-    (their union), header-only `invalidated.tsv`/`other.tsv`, and `clip_durations.tsv`.
+    (their union), header-only `invalidated.tsv`, `other.tsv` and `clip_durations.tsv`.
+    `num_unlabelled` clips go to `other.tsv` (the pool `w2vbert-asr pseudolabel` reads): spoken by
+    the train split's speakers from the same word list, planned on their own random stream, so the
+    labelled splits are identical with or without a pool. As in real releases, other.tsv carries the
+    prompted sentence; pseudo-labelling never reads it, so it is the pool's hidden true text.
     TSVs use `CV_COLUMNS`, tab-separated, sentences written raw (no csv quoting).
     Same seed -> identical TSVs and (with the same espeak-ng/LAME builds) identical MP3s.
 
@@ -328,8 +335,8 @@ def synthesize_corpus(
     """
     if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
         raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1 (train, dev, test), got {split_fractions}")
-    if num_clips < 1:
-        raise ValueError(f"num_clips must be >= 1, got {num_clips}")
+    if num_clips < 1 or num_unlabelled < 0:
+        raise ValueError(f"num_clips must be >= 1 and num_unlabelled >= 0, got {num_clips}, {num_unlabelled}")
     lo, hi = words_per_sentence
     if not 1 <= lo <= hi:
         raise ValueError(f"words_per_sentence must be (min, max) with 1 <= min <= max, got {words_per_sentence}")
@@ -346,9 +353,13 @@ def synthesize_corpus(
         for j in range(count):  # every speaker gets a clip, then random ones
             spk = group[j] if j < len(group) else group[int(rng.integers(len(group)))]
             plan.append((split, spk, *make_sentence(rng, words, (lo, hi))))
+    pool_rng = np.random.default_rng([seed, POOL_STREAM])
+    voices = next(g for g in speakers if g)  # the train speakers (or the first split that has any)
+    for _ in range(num_unlabelled):
+        plan.append((UNLABELLED, voices[int(pool_rng.integers(len(voices)))], *make_sentence(pool_rng, words, (lo, hi))))
 
-    rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    seconds = {s: 0.0 for s in SPLITS}
+    rows: dict[str, list[dict]] = {s: [] for s in (*SPLITS, UNLABELLED)}
+    seconds = {s: 0.0 for s in (*SPLITS, UNLABELLED)}
     durations = []
     for clip_index, (split, spk, written, spoken) in enumerate(plan):
         # Per-clip stream: audio variation never shifts the planning stream above.
@@ -361,7 +372,7 @@ def synthesize_corpus(
         durations.append({"clip": name, "duration[ms]": str(round(dur * 1000))})
         rows[split].append(make_row(spk["client_id"], name, written, lang, spk["age"], spk["gender"]))
 
-    for split in SPLITS:
+    for split in (*SPLITS, UNLABELLED):
         write_tsv(out / f"{split}.tsv", rows[split])
     write_tsv(out / "validated.tsv", [r for s in SPLITS for r in rows[s]])
     for name in EMPTY_TSVS:
@@ -371,8 +382,10 @@ def synthesize_corpus(
         "lang": lang, "out_dir": str(out),
         "counts": {s: len(rows[s]) for s in SPLITS},
         "speakers": {s: len(g) for s, g in zip(SPLITS, speakers)},
-        "hours": sum(seconds.values()) / 3600,
-        "split_hours": {s: v / 3600 for s, v in seconds.items()},
+        "unlabelled": len(rows[UNLABELLED]),
+        "hours": sum(seconds[s] for s in SPLITS) / 3600,
+        "split_hours": {s: seconds[s] / 3600 for s in SPLITS},
+        "unlabelled_hours": seconds[UNLABELLED] / 3600,
     }
 
 
@@ -382,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", help="output directory (the language folder of a CV release)")
     parser.add_argument("--num-clips", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-unlabelled", type=int, default=0, help="clips in other.tsv (the unlabelled pool)")
     parser.add_argument("--list", action="store_true", help="print the languages with a word list")
     args = parser.parse_args(argv)
     if args.list:
@@ -390,7 +404,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (args.lang and args.out):
         parser.error("--lang and --out are required (or use --list)")
     start = time.perf_counter()
-    summary = synthesize_corpus(args.out, args.lang, args.num_clips, args.seed)
+    summary = synthesize_corpus(args.out, args.lang, args.num_clips, args.seed, num_unlabelled=args.num_unlabelled)
     summary["seconds_taken"] = round(time.perf_counter() - start, 2)
     print(json.dumps(summary, indent=2))
 
@@ -410,6 +424,8 @@ def synth(cfg) -> dict:
 
         raise UsageError(f"no word list for lang={cfg.lang!r}; synthetic corpora exist for "
                          f"{', '.join(available_languages())} (add w2vbert_asr/wordlists/<lang>.txt for more)")
-    summary = synthesize_corpus(out, cfg.lang, num_clips=cfg.synth.num_clips, seed=cfg.seed)
-    print(f"wrote {sum(summary['counts'].values())} clips ({summary['hours']:.2f} h) to {out}: {summary['counts']}")
+    summary = synthesize_corpus(out, cfg.lang, num_clips=cfg.synth.num_clips, seed=cfg.seed,
+                                num_unlabelled=int(cfg.synth.get("num_unlabelled") or 0))
+    pool = f" + {summary['unlabelled']} unlabelled in {UNLABELLED}.tsv" if summary["unlabelled"] else ""
+    print(f"wrote {sum(summary['counts'].values())} clips ({summary['hours']:.2f} h) to {out}: {summary['counts']}{pool}")
     return summary

@@ -49,7 +49,7 @@ from .batching import DurationBatchSampler
 from .data import PROCESSOR, load_prepared, prepare, waves_of
 from .evaluate import decode_dataset, evaluate_model, greedy_decoder, score
 from .features import BatchFeatureExtractor, pad_waves
-from .model import build_model, output_lengths
+from .model import build_model, load_weights, output_lengths
 from .redact import config_yaml
 from .storage import atomic_write_json, atomic_write_text, disk_full_guard, free_bytes, human_bytes
 from .text import Normalizer
@@ -294,6 +294,8 @@ def setup(cfg: DictConfig, handler_box: list) -> Session:
     train_ds = load_prepared(out, "train")
     eval_ds = load_prepared(out, cfg.data.eval_split)
     model = build_model(cfg.model, processor.tokenizer)
+    if tcfg.get("init_from"):
+        load_weights(model, tcfg.init_from)
     featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(accelerator.device)
 
     sampler = DurationBatchSampler(train_ds["duration"], tcfg.max_batch_seconds, tcfg.max_batch_size,

@@ -11,8 +11,8 @@ Usage:
     result = Transcriber(model, processor).transcribe_file("talk.flac")  # read block by block
 
 For every input `<name>.<ext>` (folders are walked for every extension soundfile can read) it writes
-into transcribe.output_dir: `<name>.txt` (the text), `<name>.json` (text, words with start/end seconds,
-duration, model) and `<name>.srt` (subtitle cues of whole words, at most srt_max_seconds/srt_max_chars).
+into transcribe.output_dir: `<name>.txt` (the text), `<name>.json` (text, words with start/end seconds
+and confidence, utterance confidence, duration, model) and `<name>.srt` (subtitle cues of whole words, at most srt_max_seconds/srt_max_chars).
 A file that cannot be decoded does not stop the others: it is listed with the reason in
 `<output_dir>/failed.json`, and the command then exits 1.
 
@@ -47,8 +47,9 @@ import torch
 from omegaconf import DictConfig
 
 from . import UsageError
+from .confidence import Confidence, beam_hypothesis, greedy_hypothesis
 from .features import MIN_SAMPLES, SAMPLING_RATE, BatchFeatureExtractor, pad_waves, samples_per_frame
-from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
+from .model import load_ctc_model, output_lengths, pick_device
 from .storage import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,13 @@ class Word:
     word: str
     start: float  # seconds from the start of the file
     end: float
+    confidence: float | None = None  # 0..1 from the CTC posteriors of the word's frames (confidence.py)
+
+    def to_dict(self) -> dict:
+        out = {"word": self.word, "start": round(self.start, 3), "end": round(self.end, 3)}
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 4)
+        return out
 
 
 @dataclass
@@ -98,10 +106,13 @@ class Transcript:
     words: list[Word]
     duration: float  # seconds of audio
     decoding: str = "greedy"
+    confidence: float | None = None  # the utterance's, aggregated from its words
 
     def to_dict(self) -> dict:
-        return {"text": self.text, "duration": round(self.duration, 3), "decoding": self.decoding,
-                "words": [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3)} for w in self.words]}
+        out = {"text": self.text, "duration": round(self.duration, 3), "decoding": self.decoding}
+        if self.confidence is not None:
+            out["confidence"] = round(self.confidence, 4)
+        return {**out, "words": [w.to_dict() for w in self.words]}
 
 
 # --------------------------------------------------------------------------------------------- chunking
@@ -310,11 +321,12 @@ class Transcriber:
     model: a `Wav2Vec2BertForCTC` (anything with `.config` and `(input_features, attention_mask) -> .logits`);
     processor: its `Wav2Vec2BertProcessor` (tokenizer + features).
     lm_decoder: a pyctcdecode decoder (`lm.load_decoder`) for beam search, or None for greedy.
+    confidence: the measure behind word and utterance confidences (default: `Confidence()`).
     """
 
     def __init__(self, model, processor, device: str | torch.device | None = None, chunk_seconds: float = 20.0,
                  overlap_seconds: float = 4.0, batch_size: int | str | None = "auto", lm_decoder=None,
-                 beam_width: int = 64):
+                 beam_width: int = 64, confidence: Confidence | None = None):
         self.device = pick_device(str(device) if device is not None else None)
         self.model = model.to(self.device).eval()
         self.tokenizer = processor.tokenizer
@@ -330,6 +342,7 @@ class Transcriber:
         except ValueError:
             raise UsageError(f"transcribe.batch_size={batch_size!r}: give a number of chunks or auto") from None
         self.lm_decoder, self.beam_width = lm_decoder, int(beam_width)
+        self.confidence = confidence or Confidence()
 
     @property
     def frame_seconds(self) -> float:
@@ -432,14 +445,13 @@ class Transcriber:
             return Transcript("", [], duration, "greedy" if self.lm_decoder is None else "beam+lm")
         fs = self.frame_seconds
         if self.lm_decoder is None:
-            [ids] = ctc_greedy_ids(logits[None], torch.tensor([logits.shape[0]]))
-            out = self.tokenizer.decode(ids, output_word_offsets=True)
-            words = [Word(w["word"], int(w["start_offset"]) * fs, int(w["end_offset"]) * fs) for w in out.word_offsets]
-            return Transcript(" ".join(w.word for w in words), words, duration, "greedy")
-        beams = self.lm_decoder.decode_beams(logits.numpy(), beam_width=self.beam_width)
-        text, _, word_frames = beams[0][:3]
-        words = [Word(w, s * fs, e * fs) for w, (s, e) in word_frames]
-        return Transcript(" ".join(w.word for w in words) if words else text.strip(), words, duration, "beam+lm")
+            hyp, decoding = greedy_hypothesis(logits, self.tokenizer, self.confidence), "greedy"
+        else:
+            beams = self.lm_decoder.decode_beams(logits.numpy(), beam_width=self.beam_width)
+            hyp = beam_hypothesis(logits, beams[0], self.tokenizer.pad_token_id, self.confidence)
+            decoding = "beam+lm"
+        words = [Word(w, s * fs, e * fs, c) for w, s, e, c in hyp.words]
+        return Transcript(hyp.text, words, duration, decoding, hyp.confidence)
 
 
 # --------------------------------------------------------------------------------------------- subtitles
@@ -590,7 +602,7 @@ def transcribe(cfg: DictConfig) -> dict:
         lm_decoder = load_decoder(processor.tokenizer, tcfg.lm)
         beam_width = int(tcfg.get("beam_width") or lm_info(tcfg.lm).get("beam_width", beam_width))
     transcriber = Transcriber(model, processor, device, tcfg.chunk_seconds, tcfg.overlap_seconds, tcfg.batch_size,
-                              lm_decoder, beam_width)
+                              lm_decoder, beam_width, Confidence.from_config(cfg.get("confidence")))
     limits = {"max_seconds": float(tcfg.get("srt_max_seconds", 7.0)), "max_chars": int(tcfg.get("srt_max_chars", 42)),
               "max_gap": float(tcfg.get("srt_max_gap", 1.0))}
     result = transcribe_files(transcriber, files, Path(tcfg.output_dir), formats, str(cfg.model_dir), limits)

@@ -1,0 +1,161 @@
+"""Unlabelled pool (synth), pseudo-labelling, and training on train + pseudo-labels, offline."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from w2vbert_asr import UsageError
+from w2vbert_asr.cli import compose
+from w2vbert_asr.data import PREPARED, load_prepared, prepare
+from w2vbert_asr.pseudolabel import POOL, PSEUDO, REPORT, label_pool, pool_rows
+from w2vbert_asr.synth import SPLITS, synthesize_corpus
+
+from conftest import SMALL_CORPUS_CLIPS
+
+POOL_CLIPS = 6
+
+
+def _tsv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+@pytest.fixture(scope="module")
+def pool_corpus(tmp_path_factory, sw_corpus):
+    """The session's small corpus again (same seed), now with an unlabelled pool in other.tsv."""
+    root = tmp_path_factory.mktemp("pool_corpus")
+    summary = synthesize_corpus(root, "sw", num_clips=SMALL_CORPUS_CLIPS, seed=0, num_unlabelled=POOL_CLIPS)
+    assert summary["unlabelled"] == POOL_CLIPS
+    return root
+
+
+def test_pool_leaves_the_labelled_release_unchanged(pool_corpus, sw_corpus):
+    for name in (*SPLITS, "validated"):
+        assert (pool_corpus / f"{name}.tsv").read_bytes() == (sw_corpus / f"{name}.tsv").read_bytes(), name
+    first = _tsv(sw_corpus / "train.tsv")[0]["path"]
+    assert (pool_corpus / "clips" / first).read_bytes() == (sw_corpus / "clips" / first).read_bytes()
+    other = _tsv(pool_corpus / "other.tsv")
+    assert len(other) == POOL_CLIPS and all(r["sentence"].strip() for r in other)
+    labelled = {r["path"] for s in SPLITS for r in _tsv(pool_corpus / f"{s}.tsv")}
+    assert not labelled & {r["path"] for r in other}
+    assert all((pool_corpus / "clips" / r["path"]).is_file() for r in other)
+    train_speakers = {r["client_id"] for r in _tsv(pool_corpus / "train.tsv")}
+    assert {r["client_id"] for r in other} <= train_speakers  # the same voices
+
+
+@pytest.fixture(scope="module")
+def random_model(tmp_path_factory, prepared_run):
+    """A randomly initialised tiny model with the small corpus's processor: it emits garbage, but garbage
+    made of the vocabulary's characters, which is all the pipeline's checks need."""
+    from transformers import Wav2Vec2BertProcessor
+
+    from w2vbert_asr.model import build_model
+    from w2vbert_asr.text import Normalizer
+
+    d = tmp_path_factory.mktemp("random_model") / "model"
+    processor = Wav2Vec2BertProcessor.from_pretrained(Path(prepared_run.output_dir) / "processor")
+    torch.manual_seed(0)
+    model = build_model(prepared_run.model, processor.tokenizer)
+    with torch.no_grad():  # a random head emits [UNK] now and then; make it never the argmax
+        model.lm_head.bias[processor.tokenizer.unk_token_id] = -100.0
+    model.save_pretrained(d, safe_serialization=True)
+    processor.save_pretrained(d)
+    Normalizer.load(Path(prepared_run.output_dir) / "processor").save(d)
+    return d
+
+
+def test_pseudolabel_then_train_on_train_plus_labels(tmp_path, pool_corpus, random_model, run_overrides):
+    """The offline loop: pool -> pseudo.tsv (+ report) -> train with data.extra_train."""
+    labelled_clip = _tsv(pool_corpus / "train.tsv")[0]["path"]
+    extra_row = "\t".join(["speaker", labelled_clip, "", "ignored", *[""] * 9])  # already in train
+    (pool_corpus / "other_plus.tsv").write_text((pool_corpus / "other.tsv").read_text() + extra_row + "\n")
+    # max_prob: a random model's entropies sit near their maximum, so its top probability spreads more.
+    cfg = compose(run_overrides(tmp_path / "label", pool_corpus, "pseudolabel.pool=other_plus",
+                                "confidence.measure=max_prob"))
+    report = label_pool(cfg, random_model, tmp_path / "label", threshold=0.0)
+    assert report["rows"] == POOL_CLIPS + 1
+    assert report["skipped"].get("in_labelled_split") == 1
+    assert report["kept"] + sum(report["skipped"].values()) == report["rows"]
+    assert report["kept"] >= 1
+    kept = _tsv(tmp_path / "label" / PSEUDO)
+    assert len(kept) == report["kept"] and set(kept[0]) == {"path", "text", "confidence", "source"}
+    assert all(Path(r["path"]).is_file() and r["text"] and 0 <= float(r["confidence"]) <= 1 for r in kept)
+    assert labelled_clip not in {Path(r["path"]).name for r in kept}
+    records = [json.loads(line) for line in (tmp_path / "label" / POOL).read_text().splitlines()]
+    assert len(records) == report["rows"]
+    assert all("reference" in r for r in records)  # other.tsv's own sentences, kept for scoring only
+    assert "kept_cer" in report and report["ladder"][0]["threshold"] == 0.0
+
+    # A higher threshold keeps exactly the clips at or above it.
+    confs = sorted(float(r["confidence"]) for r in kept)
+    assert len(set(confs)) > 1, confs
+    mid = (confs[0] + confs[-1]) / 2
+    stricter = label_pool(cfg, random_model, tmp_path / "strict", threshold=mid)
+    assert stricter["kept"] == sum(c >= mid for c in confs)
+    assert stricter["skipped"]["low_confidence"] == sum(c < mid for c in confs)
+    capped = label_pool(cfg, random_model, tmp_path / "capped", threshold=0.0, max_clips=1)
+    assert capped["kept"] == 1 and capped["skipped"]["over_cap"] == report["kept"] - 1
+    assert float(_tsv(tmp_path / "capped" / PSEUDO)[0]["confidence"]) == pytest.approx(confs[-1], abs=1e-4)
+
+    # A pseudo-label with a character the labelled vocabulary lacks is skipped and counted.
+    manifest = tmp_path / "label" / PSEUDO
+    rows = manifest.read_text().splitlines()
+    rows.append("\t".join([kept[0]["path"], "qqq zzz xx", "0.99", "extra:1"]))
+    manifest.write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    train_cfg = compose(run_overrides(run, pool_corpus, f"data.extra_train=[{manifest}]", "train.max_steps=2",
+                                      "train.eval_steps=100", "train.warmup_steps=1"))
+    plain = prepare(compose(run_overrides(tmp_path / "plain", pool_corpus)))
+    from w2vbert_asr.train import train
+
+    train(train_cfg)
+    prep = json.loads((run / "prepare_report.json").read_text())
+    labelled_vocab = (tmp_path / "plain" / "processor" / "vocab.json").read_text()
+    assert (run / "processor" / "vocab.json").read_text() == labelled_vocab  # pseudo-labels never extend it
+    oov = set("qz") - set(prep["vocab"]["chars"])
+    if oov:  # the small corpus's word list decides; 'q' and 'z' are rare in it
+        assert prep["extra_train"]["skipped"].get("out_of_vocabulary") == 1
+    assert prep["extra_train"]["kept"] == len(rows) - 1 - (1 if oov else 0)
+    assert len(load_prepared(run, "train")) == plain["splits"]["train"]["kept"] + prep["extra_train"]["kept"]
+    for split in ("dev", "test"):  # never receive pseudo-labels
+        assert len(load_prepared(run, split)) == plain["splits"][split]["kept"]
+    preds = [json.loads(line) for line in (run / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert all(0 <= p["confidence"] <= 1 and len(p["word_confidence"]) == len(p["hypothesis"].split()) for p in preds)
+
+    # New labels under the same manifest name re-prepare (the fingerprint hashes the manifest).
+    manifest.write_text("\n".join(rows[:2]) + "\n")
+    assert prepare(train_cfg)["extra_train"]["rows"] == 1
+
+
+def test_pool_sources_and_errors(tmp_path, pool_corpus, run_overrides):
+    cfg = compose(run_overrides(tmp_path, pool_corpus))
+    assert len(list(pool_rows(cfg))) == POOL_CLIPS  # default: other.tsv of data.root
+    folder = tmp_path / "audio"
+    folder.mkdir()
+    other = _tsv(pool_corpus / "other.tsv")
+    for r in other[:2]:
+        (folder / r["path"]).write_bytes((pool_corpus / "clips" / r["path"]).read_bytes())
+    rows = list(pool_rows(compose(run_overrides(tmp_path, pool_corpus, f"pseudolabel.pool={folder}"))))
+    assert len(rows) == 2 and all(Path(r.path).is_file() for r in rows)
+    jsonl = tmp_path / "pool.jsonl"
+    jsonl.write_text("".join(json.dumps({"audio": str(pool_corpus / "clips" / r["path"])}) + "\n" for r in other))
+    rows = list(pool_rows(compose(run_overrides(tmp_path, pool_corpus, f"pseudolabel.pool={jsonl}",
+                                                "pseudolabel.audio_column=audio"))))
+    assert len(rows) == POOL_CLIPS
+    with pytest.raises(UsageError, match="not a TSV"):
+        list(pool_rows(compose(run_overrides(tmp_path, pool_corpus, "pseudolabel.pool=nothing_here"))))
+    with pytest.raises(UsageError, match="no audio column"):
+        list(pool_rows(compose(run_overrides(tmp_path, pool_corpus, f"pseudolabel.pool={jsonl}"))))
+
+
+def test_cli_pseudolabel_needs_a_model(tmp_path, capsys):
+    from w2vbert_asr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pseudolabel", f"model={tmp_path}", f"data.root={tmp_path}"])
+    assert e.value.code == 2 and "not a model folder" in capsys.readouterr().err
