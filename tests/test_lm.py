@@ -188,3 +188,19 @@ def test_evaluate_reports_wer_with_and_without_lm(tmp_path, lm_run):
     assert set(summary) == {"test", "test+lm"} and summary["test+lm"]["decoding"] == "beam+lm"
     metrics = json.loads((tmp_path / "results" / "metrics.json").read_text())
     assert set(metrics["splits"]) == {"test", "test+lm"}
+
+
+def test_beam_search_path_gives_word_confidences(lm_run):
+    """With a confidence measure the LM path returns hypotheses whose word confidences come from the beam's
+    word frames: the word whose letter was a coin toss (fixed by the LM) is the least confident one."""
+    from w2vbert_asr.confidence import Confidence
+
+    cfg, processor, _ = lm_run
+    tok = processor.tokenizer
+    wrong = spelled_logits(tok, "habari ya asubuhi", {5: {"j": 0.5, "i": 0.45}})
+    [hyp] = beam_decoder(tok, cfg.lm.output_dir, confidence=Confidence())(wrong[None], torch.tensor([wrong.shape[0]]))
+    assert hyp.text == "habari ya asubuhi"
+    assert [w[0] for w in hyp.words] == ["habari", "ya", "asubuhi"]
+    confs = [w[3] for w in hyp.words]
+    assert confs[0] < min(confs[1:]), confs
+    assert hyp.confidence == pytest.approx(sum(confs) / 3)

@@ -159,3 +159,40 @@ def test_cli_pseudolabel_needs_a_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["pseudolabel", f"model={tmp_path}", f"data.root={tmp_path}"])
     assert e.value.code == 2 and "not a model folder" in capsys.readouterr().err
+
+
+def test_self_training_rounds_continue_from_the_last_model(tmp_path, pool_corpus, random_model, run_overrides):
+    """The driver: round 0 (here: an existing model) -> label the pool -> train round 1 from round 0's weights
+    on train + labels; self_training.json lists both rounds."""
+    import shutil
+
+    from w2vbert_asr.pseudolabel import SUMMARY, self_train
+
+    base = tmp_path / "round0"
+    shutil.copytree(random_model, base / "model")
+    prepare(compose(run_overrides(base, pool_corpus)))
+    (base / "metrics.json").write_text(json.dumps({"splits": {"test": {"wer": 1.0, "cer": 0.9, "utterances": 6}}}))
+    cfg = compose(run_overrides(tmp_path, pool_corpus, "self_training.thresholds=[0.0]", "self_training.restart=false",
+                                "self_training.max_ratio=0.05", "train.max_steps=1", "train.eval_steps=100",
+                                "train.warmup_steps=1"))
+    summary = self_train(cfg)
+    labelled = json.loads((base / "prepare_report.json").read_text())["splits"]["train"]["kept"]
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    assert summary["rounds"][1]["pseudo_labels"] == int(0.05 * labelled)  # the cap
+    assert "initialised from" in (tmp_path / "round1" / "train.log").read_text()
+    assert (tmp_path / "round1" / "model" / "config.json").is_file()
+    assert json.loads((tmp_path / SUMMARY).read_text())["rounds"][1]["test"]["utterances"] == 6
+    prep = json.loads((tmp_path / "round1" / "prepare_report.json").read_text())
+    assert prep["extra_train"]["kept"] == summary["rounds"][1]["pseudo_labels"]
+
+
+def test_init_from_a_model_of_another_vocabulary_is_a_usage_error(tmp_path, random_model, prepared_run):
+    from w2vbert_asr.model import build_model, load_weights
+    from w2vbert_asr.text import Vocabulary, build_processor
+
+    other = build_processor(Vocabulary.build(["xy"]), tmp_path / "p").tokenizer
+    model = build_model(prepared_run.model, other)
+    with pytest.raises(UsageError, match="does not fit"):
+        load_weights(model, random_model)
+    with pytest.raises(UsageError, match="no model.safetensors"):
+        load_weights(model, tmp_path)
