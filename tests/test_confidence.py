@@ -140,3 +140,16 @@ def test_transcript_json_carries_confidence():
     d = t.to_dict()
     assert d["confidence"] == 0.7 and [w["confidence"] for w in d["words"]] == [0.9123, 0.5]
     assert "confidence" not in Transcript("", [], 1.0).to_dict()
+
+
+def test_auc_table_ranks_the_doubtful_wrong_word_lowest(tokenizer):
+    from w2vbert_asr.confidence import auc_table
+
+    logits = [spelled(tokenizer, "habari ya", {5: {"j": 0.5, "i": 0.45}}), spelled(tokenizer, "jambo ya"),
+              spelled(tokenizer, "ab ba", {0: {"a": 0.6, "b": 0.35}})]
+    refs = ["habari ya", "jambo ya", "ab ba"]   # the doubtful 'ab' happens to be right
+    rows = auc_table(logits, refs, tokenizer, measures=[Confidence("max_prob"), Confidence("tsallis")])
+    for r in rows:
+        assert r["words"] == 6 and r["wrong_words"] == 1 and r["wrong_utterances"] == 1
+        assert r["word_auc"] == 1.0  # habarj (wrong) is less confident than every right word, 'ab' included
+        assert set(r) >= {"utterance_auc_min", "utterance_auc_mean", "utterance_auc_prod"}

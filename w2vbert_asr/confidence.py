@@ -237,16 +237,20 @@ def auc_table(logits: Sequence[torch.Tensor], references: Sequence[str], tokeniz
     usable = [len(w) == len(s) for w, s in zip(wrong, spans)]  # normalising never splits/merges words here
     utt_wrong = [r != h for r, h in zip(references, hyps)]
     for m in measures:
-        word_scores, word_flags, utt_scores = [], [], []
+        word_scores, word_flags = [], []
+        utt_scores: dict[str, list[float]] = {agg: [] for agg in AGGREGATIONS}
         for lg, sp, wr, ok in zip(logits, spans, wrong, usable):
             wc, uc = m.score(lg, sp, tokenizer.pad_token_id)
-            utt_scores.append(1 - uc)
+            for agg in AGGREGATIONS:  # every utterance aggregation from the same word confidences
+                utt_scores[agg].append(1 - (aggregate(wc, agg) if wc else uc))
             if ok:
                 word_scores += [1 - c for c in wc]
                 word_flags += wr
+        by_agg = {agg: roc_auc(s, utt_wrong) for agg, s in utt_scores.items()}
         rows.append({"measure": m.name, **m.to_dict(), "word_auc": roc_auc(word_scores, word_flags),
-                     "utterance_auc": roc_auc(utt_scores, utt_wrong), "words": len(word_flags),
-                     "wrong_words": sum(word_flags), "utterances": len(utt_scores), "wrong_utterances": sum(utt_wrong)})
+                     "utterance_auc": by_agg[m.utterance_aggregation],
+                     **{f"utterance_auc_{agg}": v for agg, v in by_agg.items()}, "words": len(word_flags),
+                     "wrong_words": sum(word_flags), "utterances": len(utt_wrong), "wrong_utterances": sum(utt_wrong)})
     return rows
 
 
@@ -280,9 +284,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     r0 = rows[0]
     print(f"{args.split}: {r0['utterances']} utterances, {r0['words']} words, {r0['wrong_words']} wrong, "
           f"{r0['wrong_utterances']} utterances with an error")
-    print(f"{'measure (frame/word/utterance)':<36}{'word AUC':>10}{'utt AUC':>10}")
+    print(f"{'measure (frame/word)':<30}{'word AUC':>10}" + "".join(f"{'utt AUC ' + a:>14}" for a in AGGREGATIONS))
     for r in rows:
-        print(f"{r['measure']:<36}{r['word_auc']:>10.3f}{r['utterance_auc']:>10.3f}")
+        print(f"{r['measure'].rsplit('/', 1)[0]:<30}{r['word_auc']:>10.3f}"
+              + "".join(f"{r['utterance_auc_' + a]:>14.3f}" for a in AGGREGATIONS))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return rows
