@@ -184,7 +184,7 @@ def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, t
         example, reason, detail = _process(checked, normalizer, cfg.data, model_config)
         if example is None:
             drop(row, reason, detail, **extra)
-        elif unk in transcript.text or set(text) - vocab - {" "}:
+        elif unk in transcript.text or (set(transcript.text) | set(text)) - vocab - {" "}:  # [UNK], or the beam's ⁇
             drop(row, "unknown_token", f"{transcript.text!r} has a token outside the vocabulary", **extra)
         elif conf < threshold:
             drop(row, "low_confidence", f"confidence {conf:.3f} < pseudolabel.threshold={threshold}", **extra)
