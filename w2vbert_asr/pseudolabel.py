@@ -25,7 +25,8 @@ Writes into pseudolabel.output_dir:
 
 Self-training (`self_training.thresholds` non-empty): round 0 trains on the labelled data alone into
 output_dir/round0 (kept if it already holds a model); round i labels the pool with round i-1's model at
-the i-th threshold and trains output_dir/round<i> on train + those labels, from the base initialisation
+the i-th threshold (with `self_training.lm`: beam search with an n-gram of the labelled transcripts,
+built into output_dir/round0/lm) and trains output_dir/round<i> on train + those labels, from the base initialisation
 (`self_training.restart=true`) or from round i-1's weights; `self_training.max_ratio` caps the
 pseudo-labelled clips per labelled one. Results of every round go to output_dir/self_training.json.
 """
@@ -120,8 +121,9 @@ def labelled_paths(cfg: DictConfig) -> set[str]:
 
 # --------------------------------------------------------------------------------------------- labelling
 def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, threshold: float,
-               max_clips: int | None = None) -> dict:
-    """Transcribe the pool with `model_dir`, keep confident clips that pass prepare's checks -> report dict."""
+               max_clips: int | None = None, lm_dir: str | Path | None = None) -> dict:
+    """Transcribe the pool with `model_dir` (beam search with `lm_dir`, default eval.lm), keep confident clips
+    that pass prepare's checks -> report dict."""
     from .model import pick_device
     from .transcribe import Transcriber, load_model
 
@@ -130,11 +132,12 @@ def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, t
     model, processor = load_model(model_dir, device)
     normalizer = Normalizer.load(model_dir)
     lm_decoder, beam_width = None, 64
-    if cfg.eval.get("lm"):
+    lm_dir = lm_dir or cfg.eval.get("lm")
+    if lm_dir:
         from .lm import lm_info, load_decoder
 
-        lm_decoder = load_decoder(processor.tokenizer, cfg.eval.lm)
-        beam_width = int(lm_info(cfg.eval.lm).get("beam_width", beam_width))
+        lm_decoder = load_decoder(processor.tokenizer, lm_dir)
+        beam_width = int(lm_info(lm_dir).get("beam_width", beam_width))
     confidence = Confidence.from_config(cfg.get("confidence"))
     # Whole clips: pool clips are utterances, and a clip longer than data.max_duration is dropped anyway.
     transcriber = Transcriber(model, processor, device, chunk_seconds=max(float(cfg.data.max_duration), 1.0) + 1.0,
@@ -285,12 +288,17 @@ def self_train(cfg: DictConfig) -> dict:
     else:
         train(_round_config(cfg, base, [], None))
     labelled = json.loads((base / "prepare_report.json").read_text())["splits"]["train"]["kept"]
+    lm_dir = None
+    if st.get("lm"):  # an n-gram of the labelled transcripts only: the pool's text never leaks in
+        from .lm import build_lm
+
+        lm_dir = build_lm(_round_config(cfg, base, [], None))["output_dir"]
     rounds = [{"round": 0, "threshold": None, "pseudo_labels": 0, "labelled": labelled, **_results(base, cfg)}]
     previous = base / "model"
     for i, threshold in enumerate(st.thresholds, 1):
         run = out / f"round{i}"
         cap = int(st.max_ratio * labelled) if st.get("max_ratio") is not None else cfg.pseudolabel.get("max_clips")
-        labels = label_pool(cfg, previous, run / "pseudo", float(threshold), cap)
+        labels = label_pool(cfg, previous, run / "pseudo", float(threshold), cap, lm_dir)
         if labels["kept"] == 0:
             log.warning("round %d: no pool clip reached confidence %s; stopping", i, threshold)
             break
@@ -299,7 +307,7 @@ def self_train(cfg: DictConfig) -> dict:
                        "kept_share": labels["kept_share"], "kept_cer": labels.get("kept_cer"), "labelled": labelled,
                        **_results(run, cfg)})
         previous = run / "model"
-    summary = {"restart": bool(st.restart), "max_ratio": st.get("max_ratio"), "rounds": rounds}
+    summary = {"restart": bool(st.restart), "max_ratio": st.get("max_ratio"), "lm": lm_dir, "rounds": rounds}
     atomic_write_json(out / SUMMARY, summary)
     test = cfg.data.test_split
     print(f"{'round':>5}{'threshold':>10}{'pseudo':>8}{'kept %':>8}{'label CER %':>12}{'test WER %':>11}{'test CER %':>11}")
