@@ -45,8 +45,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import UsageError
 from .confidence import Confidence
-from .data import (REASONS, RawRow, SplitReport, _process, _read_delimited, _resolve, load_audio, read_split,
-                   splits_of)
+from .data import (REASONS, RawRow, SplitReport, _process, _read_delimited, _resolve, _Rules, load_audio,
+                   read_split, splits_of)
 from .storage import atomic_write_json, atomic_write_text
 from .text import Normalizer
 
@@ -75,12 +75,12 @@ def pool_rows(cfg: DictConfig) -> Iterator[RawRow]:
         if not files:
             raise UsageError(f"pseudolabel.pool={pool}: no audio files in that folder")
         for i, (file, name) in enumerate(files, 1):
-            yield RawRow(id=name, sentence="", file=str(path), line=i, path=str(file.resolve()), base=None)
+            yield RawRow(id=name, sentence="", file=str(path), line=i, path=str(file.absolute()), base=None)
         return
     if not path.suffix and (root / f"{pool}.tsv").is_file():  # a split of the release: Common Voice layout
-        tsv, base, column = root / f"{pool}.tsv", root / "clips", "path"
+        tsv, base, column, contained = root / f"{pool}.tsv", root / "clips", "path", True
     elif path.is_file() and path.suffix in (".tsv", ".csv", ".jsonl"):
-        tsv, base, column = path, path.parent, str(cfg.pseudolabel.audio_column)
+        tsv, base, column, contained = path, path.parent, str(cfg.pseudolabel.audio_column), False
     else:
         raise UsageError(f"pseudolabel.pool={pool}: not a TSV of data.root={root} ({root / (pool + '.tsv')}), nor a "
                          ".tsv/.csv/.jsonl manifest, nor a folder of audio")
@@ -98,7 +98,8 @@ def pool_rows(cfg: DictConfig) -> Iterator[RawRow]:
                              f"found {sorted(rec)}")
         audio = str(rec[column] or "")
         yield RawRow(id=Path(audio).stem or f"{tsv.stem}-{line}", sentence=str(rec.get("sentence") or ""),
-                     file=str(tsv), line=line, path=audio, base=str(base))
+                     file=str(tsv), line=line, path=audio, base=str(base),
+                     contained=contained)
 
 
 def labelled_paths(cfg: DictConfig) -> set[str]:
@@ -143,7 +144,10 @@ def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, t
     transcriber = Transcriber(model, processor, device, chunk_seconds=max(float(cfg.data.max_duration), 1.0) + 1.0,
                               overlap_seconds=0.0, batch_size=int(cfg.pseudolabel.batch_size), lm_decoder=lm_decoder,
                               beam_width=beam_width, confidence=confidence)
-    model_config = model.config  # CTC feasibility with the frames this model really emits
+    # prepare's rules, with CTC feasibility from the frames this model really emits
+    keys = ("add_adapter", "adapter_kernel_size", "adapter_stride", "num_adapter_layers")
+    rules = _Rules(normalizer, int(cfg.data.sampling_rate), float(cfg.data.min_duration),
+                   float(cfg.data.max_duration), {k: getattr(model.config, k) for k in keys})
     vocab = {t for t in processor.tokenizer.get_vocab() if len(t) == 1}
     unk = processor.tokenizer.unk_token
     excluded = labelled_paths(cfg)
@@ -184,7 +188,7 @@ def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, t
         conf = float(transcript.confidence if transcript.confidence is not None else 0.0)
         extra = {"hypothesis": text, "confidence": round(conf, 4)}
         checked = RawRow(id=row.id, sentence=transcript.text, file=row.file, line=row.line, path=str(path), base=None)
-        example, reason, detail = _process(checked, normalizer, cfg.data, model_config)
+        example, reason, detail = _process(checked, rules)
         if example is None:
             drop(row, reason, detail, **extra)
         elif unk in transcript.text or (set(transcript.text) | set(text)) - vocab - {" "}:  # [UNK], or the beam's ⁇
