@@ -53,17 +53,18 @@ VARIANT_OPS = (["MatMul"], ["MatMul", "Conv"], ["MatMul", "Gemm", "Conv"])
 
 
 def build_torch(size: str, attn: str):
-    """A random Wav2Vec2BertForCTC in the tiny or 600M shape with padding hooks, eval mode."""
+    """A random Wav2Vec2BertForCTC in the tiny or 600M shape as the toolkit's torch path runs it (padding
+    hooks, `relative_key_bias`), eval mode."""
     from transformers import Wav2Vec2BertForCTC
 
     from w2vbert_asr.cli import compose
-    from w2vbert_asr.model import architecture_config, attach_padding_hooks
+    from w2vbert_asr.model import architecture_config, attach_padding_hooks, use_fast_relative_key_bias
 
     config = architecture_config(compose(["model=tiny" if size == "tiny" else "model=w2v_bert_2"]).model)
     config.vocab_size, config.pad_token_id = CTC_VOCAB, 0
     torch.manual_seed(0)
     model = Wav2Vec2BertForCTC._from_config(config, attn_implementation=attn)
-    return attach_padding_hooks(model).eval()
+    return use_fast_relative_key_bias(attach_padding_hooks(model)).eval()
 
 
 def featurizer() -> BatchFeatureExtractor:

@@ -513,8 +513,10 @@ def test_fast_relative_key_bias_equals_transformers(tiny_model_dir, monkeypatch)
     from w2vbert_asr.model import relative_key_bias, use_fast_relative_key_bias
     from w2vbert_asr.transcribe import load_model
 
-    model, processor = load_model(tiny_model_dir)  # installs ours
-    assert use_fast_relative_key_bias() and w2v_bert._apply_relative_key_position_encoding is relative_key_bias
+    model, processor = load_model(tiny_model_dir)  # marks this model's attention for ours
+    dispatch = w2v_bert._apply_relative_key_position_encoding
+    layer0 = model.wav2vec2_bert.encoder.layers[0].self_attn
+    assert layer0._w2vbert_fast_bias and getattr(dispatch, "_w2vbert_dispatch", False)
     rng = np.random.default_rng(0)
     waves, lengths = pad_waves([rng.normal(0, 0.1, n).astype(np.float32) for n in (5 * SR, 3 * SR + 777)])
     feats, mask = BatchFeatureExtractor.from_hf(processor.feature_extractor)(waves, lengths)
@@ -528,8 +530,12 @@ def test_fast_relative_key_bias_equals_transformers(tiny_model_dir, monkeypatch)
         return logits.detach(), layer.distance_embedding.weight.grad.clone(), layer.linear_q.weight.grad.clone()
 
     ours = run()
-    monkeypatch.setattr(w2v_bert, "_apply_relative_key_position_encoding", w2v_bert._w2vbert_transformers_relative_key)
+    use_fast_relative_key_bias(model, enable=False)
     theirs = run()
+    calls = []
+    monkeypatch.setattr("w2vbert_asr.model.relative_key_bias", lambda *a: calls.append(1) or relative_key_bias(*a))
+    run()
+    assert not calls  # a model not marked (one being trained, a reference) keeps transformers' arithmetic
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

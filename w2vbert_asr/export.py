@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 
 from . import UsageError
 from .features import FEATURE_STRIDE
+from .model import use_fast_relative_key_bias
 
 log = logging.getLogger(__name__)
 
@@ -125,38 +126,18 @@ def pointwise_convs_as_matmul(model):
             setattr(parent, name, child)
 
 
-def relative_key_bias(module, query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """transformers' `_apply_relative_key_position_encoding` (W2v-BERT 2.0's position bias), same values,
-    other order: query (B, H, Lq, D) -> bias (B, H, Lq, Lk).
-
-    transformers gathers an (Lq, Lk, D) table of distance embeddings and contracts it with an einsum,
-    O(Lq Lk D) of memory traffic in every layer; the distance is clamped to [-left, right], so only
-    left + right + 1 (73) embeddings exist. Here the query meets those once (a MatMul, (B, H, Lq, 73)),
-    and each (q, k) pair picks its column (a Gather). In onnxruntime the einsum and its gather were half of
-    the tiny model's time (benchmarks/README.md)."""
-    left, right = int(module.left_max_position_embeddings), int(module.right_max_position_embeddings)
-    width = left + right + 1
-    q_len, k_len = query.shape[2], key.shape[2]
-    table = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t())  # (B, H, Lq, width)
-    rows = torch.arange(q_len, device=query.device)[:, None]
-    distance = torch.arange(k_len, device=query.device)[None, :] - rows
-    flat = (distance.clamp(-left, right) + left + rows * width).reshape(-1)  # (Lq * Lk,) into (Lq * width)
-    bias = torch.index_select(table.flatten(2), 2, flat).unflatten(2, (q_len, k_len))
-    return query, bias * module.scaling
-
-
 @contextlib.contextmanager
 def export_rewrites(model):
-    """The graph-friendly forms used while exporting: `pointwise_convs_as_matmul` and `relative_key_bias`."""
-    from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v
-
-    original = w2v._apply_relative_key_position_encoding
-    w2v._apply_relative_key_position_encoding = relative_key_bias
+    """The graph-friendly forms used while exporting: `pointwise_convs_as_matmul` and
+    `model.relative_key_bias` (a MatMul + Gather instead of an Einsum over an (Lq, Lk, D) table)."""
+    fast = [getattr(m, "_w2vbert_fast_bias", False) for m in model.modules() if hasattr(m, "distance_embedding")]
+    use_fast_relative_key_bias(model)
     try:
         with pointwise_convs_as_matmul(model):
             yield model
     finally:
-        w2v._apply_relative_key_position_encoding = original
+        for m, was in zip((m for m in model.modules() if hasattr(m, "distance_embedding")), fast):
+            m._w2vbert_fast_bias = was
 
 
 def _dummy_inputs(padding_value: float, bins2: int = 160) -> tuple[torch.Tensor, torch.Tensor]:

@@ -199,36 +199,51 @@ def attach_padding_hooks(model: Wav2Vec2BertForCTC) -> Wav2Vec2BertForCTC:
 
 # --------------------------------------------------------------------------------------------- position bias
 def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor):
-    """The Conformer's `relative_key` attention bias, as transformers computes it but without its (L, R, D)
-    tensor. query (B, H, L, D), key (B, H, R, D) -> (query, bias (B, H, L, R)).
+    """transformers' `_apply_relative_key_position_encoding` (W2v-BERT 2.0's position bias), same values,
+    other order: query (B, H, Lq, D), key (B, H, Lk, D) -> (query, bias (B, H, Lq, Lk)).
 
-    transformers looks up a D-vector for every (query, key) pair's clamped distance, a (L, R, D) tensor
-    (144 MB for a 20 s chunk of the tiny model), and multiplies it into every query: that was ~60 % of the
-    tiny model's CPU time on 20 s chunks. Only left + right + 1 distances exist (73 for W2v-BERT 2.0), so
-    each query is multiplied with those alone, (B, H, L, 73), and the bias gathered from that. Same
-    products, same values (tests/test_transcribe.py compares logits and gradients with transformers' own).
+    transformers looks up a D-vector for every (query, key) pair's clamped distance, an (Lq, Lk, D) tensor
+    (144 MB for a 20 s chunk of the tiny model), and contracts every query with it: ~60 % of the tiny
+    model's CPU time on 20 s chunks, and half its onnxruntime time. Only left + right + 1 distances exist
+    (73 for W2v-BERT 2.0), so each query meets those once (a MatMul, (B, H, Lq, 73)) and each (q, k) pair
+    picks its column (one flat index_select, which exports to a single ONNX Gather). On training-length
+    clips (a few seconds) the two cost the same, so training keeps transformers' own.
     """
-    left, right = module.left_max_position_embeddings, module.right_max_position_embeddings
-    length_q, length_k = query.shape[2], key.shape[2]
-    table = module.distance_embedding.weight.to(query.dtype)  # (left + right + 1, D)
-    scores = torch.matmul(query, table.T) * module.scaling  # (B, H, L, left + right + 1)
-    distance = torch.arange(length_k, device=query.device)[None, :] - torch.arange(length_q, device=query.device)[:, None]
-    index = distance.clamp(-left, right) + left  # (L, R)
-    return query, scores.gather(-1, index.expand(*scores.shape[:2], length_q, length_k))
+    left, right = int(module.left_max_position_embeddings), int(module.right_max_position_embeddings)
+    width = left + right + 1
+    q_len, k_len = query.shape[2], key.shape[2]
+    table = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t())  # (B, H, Lq, width)
+    rows = torch.arange(q_len, device=query.device)[:, None]
+    distance = torch.arange(k_len, device=query.device)[None, :] - rows
+    flat = (distance.clamp(-left, right) + left + rows * width).reshape(-1)  # (Lq * Lk,) into (Lq * width)
+    bias = torch.index_select(table.flatten(2), 2, flat).unflatten(2, (q_len, k_len))
+    return query, bias * module.scaling
 
 
-def use_fast_relative_key_bias() -> bool:
-    """Make transformers' Wav2Vec2Bert attention use `relative_key_bias` (process-wide, idempotent; weights
-    and saved models are untouched). -> whether it is in use (False if this transformers lacks the hook)."""
+def use_fast_relative_key_bias(model: torch.nn.Module, enable: bool = True) -> torch.nn.Module:
+    """Make THIS model's attention use `relative_key_bias` (or transformers' own again with enable=False).
+
+    transformers calls a module-level function, so a dispatcher is installed there once; it picks ours
+    only for attention modules marked here. Other models in the same process (a model being trained, a
+    reference run) keep transformers' arithmetic, so no result depends on what else was loaded."""
     from transformers.models.wav2vec2_bert import modeling_wav2vec2_bert as w2v_bert
 
     original = getattr(w2v_bert, "_apply_relative_key_position_encoding", None)
-    if original is None:
-        return False
-    if original is not relative_key_bias:
-        w2v_bert._w2vbert_transformers_relative_key = original  # kept for the equivalence test
-        w2v_bert._apply_relative_key_position_encoding = relative_key_bias
-    return True
+    if original is None:  # a transformers without this function: nothing to replace
+        return model
+    if not getattr(original, "_w2vbert_dispatch", False):
+        def dispatch(module, query, key):
+            if getattr(module, "_w2vbert_fast_bias", False):
+                return relative_key_bias(module, query, key)
+            return original(module, query, key)
+
+        dispatch._w2vbert_dispatch = True
+        dispatch.transformers = original  # for the equivalence test
+        w2v_bert._apply_relative_key_position_encoding = dispatch
+    for module in model.modules():
+        if hasattr(module, "distance_embedding"):
+            module._w2vbert_fast_bias = enable
+    return model
 
 
 def load_ctc_model(model_dir, device: torch.device | str = "cpu") -> Wav2Vec2BertForCTC:
@@ -236,6 +251,5 @@ def load_ctc_model(model_dir, device: torch.device | str = "cpu") -> Wav2Vec2Ber
     `relative_key_bias` (same values, a fraction of the time on long chunks)."""
     from transformers import Wav2Vec2BertForCTC
 
-    use_fast_relative_key_bias()
     model = Wav2Vec2BertForCTC.from_pretrained(str(model_dir), use_safetensors=True)
-    return attach_padding_hooks(model).to(device).eval()
+    return use_fast_relative_key_bias(attach_padding_hooks(model)).to(device).eval()
