@@ -197,17 +197,22 @@ def test_model_card_snippet_runs_with_onnxruntime_alone(tmp_path, exported, monk
     assert words(printed.getvalue()) == words(expected)
 
 
+def _copy_model_files(model_dir, dst):
+    """The model folder's files without onnx/ (a model as `train` exports it)."""
+    dst.mkdir()
+    for f in model_dir.iterdir():
+        if f.is_file():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
 def test_clear_errors(tmp_path, exported):
     from w2vbert_asr.evaluate import evaluate_model
     from w2vbert_asr.onnx_model import load_onnx_model
     from w2vbert_asr.transcribe import load_model
 
     model_dir, _ = exported
-    bare = tmp_path / "bare"
-    bare.mkdir()
-    for f in model_dir.iterdir():
-        if f.is_file():
-            (bare / f.name).write_bytes(f.read_bytes())
+    bare = _copy_model_files(model_dir, tmp_path / "bare")
     with pytest.raises(UsageError, match=r"w2vbert-asr export model=.*bare"):
         load_model(bare, backend="onnx")
     with pytest.raises(UsageError, match=r"w2vbert-asr export model=.*bare"):
@@ -226,11 +231,7 @@ def test_cli_export_command(tmp_path, exported, capsys):
     from w2vbert_asr.cli import main
 
     model_dir, _ = exported
-    copy = tmp_path / "model"
-    copy.mkdir()
-    for f in model_dir.iterdir():
-        if f.is_file():
-            (copy / f.name).write_bytes(f.read_bytes())
+    copy = _copy_model_files(model_dir, tmp_path / "model")
     main(["export", f"model={copy}", "export.optimize=none"])
     assert (copy / ONNX_DIR / FP32_FILE).is_file() and not (copy / ONNX_DIR / INT8_FILE).exists()
     assert "transcribe.backend=onnx" in capsys.readouterr().out
