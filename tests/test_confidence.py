@@ -15,6 +15,7 @@ from w2vbert_asr.confidence import (
     aggregate,
     beam_hypothesis,
     candidate_measures,
+    ctc_word_spans,
     greedy_hypothesis,
     roc_auc,
     word_errors,
@@ -103,6 +104,26 @@ def test_greedy_hypothesis_marks_the_doubtful_word(tokenizer):
         assert confs[0] < min(confs[1:]) - 0.1, (measure, confs)
         assert 0.0 <= hyp.confidence <= 1.0
         assert hyp.words[1][1] == 14 and hyp.words[1][2] == 17  # frame span of "ya": 'y' at 14, 'a' at 16
+
+
+def test_ctc_word_spans_equal_the_tokenizers_word_offsets(tokenizer):
+    """Our numpy greedy grouping must give exactly `decode(output_word_offsets=True)`'s words and frame spans,
+    on id sequences rich in what trips grouping: repeats, blanks between repeats, leading/trailing/double
+    delimiters, [UNK], all-blank and empty inputs."""
+    rng = np.random.default_rng(0)
+    vocab = len(tokenizer)
+    special = [tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(tokenizer.word_delimiter_token),
+               tokenizer.unk_token_id]
+    cases = [[], [tokenizer.pad_token_id] * 5, [special[1]] * 3]
+    for n in range(300):
+        length = int(rng.integers(1, 80))
+        pool = special * 3 + list(range(vocab)) if n % 2 else list(range(vocab))
+        ids = rng.choice(pool, size=length).tolist()
+        cases.append([i for i in ids for _ in range(int(rng.integers(1, 4)))])  # runs of repeats
+    for ids in cases:
+        ours = ctc_word_spans(ids, tokenizer)
+        theirs = tokenizer.decode(ids, output_word_offsets=True).word_offsets
+        assert ours == [(w["word"], int(w["start_offset"]), int(w["end_offset"])) for w in theirs], ids
 
 
 def test_beam_hypothesis_scores_the_beams_words(tokenizer):
