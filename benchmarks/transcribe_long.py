@@ -102,7 +102,7 @@ def write_audio(work: Path, minutes: list[float]) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------------------------- one run
-def run_child(system: str, model_dir: str, audio: str, threads: int) -> dict:
+def run_child(system: str, model_dir: str, audio: str, threads: int, batch_size: str = "auto") -> dict:
     """In this (fresh) process: load, warm up, transcribe `audio` once -> figures and the text."""
     import numpy as np
     import soundfile as sf
@@ -115,7 +115,7 @@ def run_child(system: str, model_dir: str, audio: str, threads: int) -> dict:
         from w2vbert_asr.transcribe import Transcriber, load_model
 
         model, processor = load_model(model_dir, "cpu")
-        transcriber = Transcriber(model, processor, "cpu", CHUNK_SECONDS, OVERLAP_SECONDS, batch_size="auto")
+        transcriber = Transcriber(model, processor, "cpu", CHUNK_SECONDS, OVERLAP_SECONDS, batch_size=batch_size)
         transcriber.transcribe([warm])
         run = lambda: transcriber.transcribe_file(audio).text  # noqa: E731
     else:
@@ -151,10 +151,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux, bytes on macOS
 
 
-def measure(system: str, model_dir: Path, audio: Path, threads: int) -> dict:
+def measure(system: str, model_dir: Path, audio: Path, threads: int, batch_size: str = "auto") -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, __file__, "--child", system, "--model", str(model_dir), "--audio", str(audio),
-           "--threads", str(threads)]
+           "--threads", str(threads), "--batch-size", batch_size]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"{system} on {audio.name} failed:\n{out.stderr[-3000:]}")
@@ -178,12 +178,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--model", help="a trained model folder (default: the tiny architecture, random weights)")
     parser.add_argument("--work", help="folder for the model and audio files (default: a temporary one)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", default="auto", help="ours: chunks per forward pass (transcribe.batch_size)")
     parser.add_argument("--systems", nargs="+", default=["ours", "pipeline"], choices=["ours", "pipeline"])
     parser.add_argument("--child", choices=["ours", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--audio", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(run_child(args.child, args.model, args.audio, args.threads)))
+        print(json.dumps(run_child(args.child, args.model, args.audio, args.threads, args.batch_size)))
         return []
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = []
         for label, audio in files.items():
             for system in args.systems:
-                r = measure(system, model_dir, audio, args.threads)
+                r = measure(system, model_dir, audio, args.threads, args.batch_size)
                 rows.append({**r, "file": label})
                 print(f"  {label:>7} {system:<8} wall {r['wall']:8.2f} s  RTFx {r['audio_seconds'] / r['wall']:7.1f}  "
                       f"cpu RTFx {r['audio_seconds'] / r['cpu']:7.1f}  peak RSS {r['peak_mb']:7.0f} MB", flush=True)

@@ -6,6 +6,7 @@ unset, no adapter); `config_overrides` in conf/model/*.yaml replaces those value
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -212,12 +213,28 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     left, right = int(module.left_max_position_embeddings), int(module.right_max_position_embeddings)
     width = left + right + 1
     q_len, k_len = query.shape[2], key.shape[2]
-    table = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t())  # (B, H, Lq, width)
-    rows = torch.arange(q_len, device=query.device)[:, None]
-    distance = torch.arange(k_len, device=query.device)[None, :] - rows
-    flat = (distance.clamp(-left, right) + left + rows * width).reshape(-1)  # (Lq * Lk,) into (Lq * width)
-    bias = torch.index_select(table.flatten(2), 2, flat).unflatten(2, (q_len, k_len))
-    return query, bias * module.scaling
+    # Scaled here, on the small table: the gather copies values, so this equals scaling the (B, H, Lq, Lk)
+    # bias bit for bit, without a second bias-sized tensor (32 MB per 20 s chunk and head group of 4).
+    table = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t()) * module.scaling
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        # One flat index_select exports to a single ONNX Gather, which onnxruntime runs fast.
+        rows = torch.arange(q_len, device=query.device)[:, None]
+        column = (torch.arange(k_len, device=query.device)[None, :] - rows).clamp(-left, right) + left
+        flat = (column + rows * width).reshape(-1)  # (Lq * Lk,) into (Lq * width)
+        return query, torch.index_select(table.flatten(2), 2, flat).unflatten(2, (q_len, k_len))
+    # In eager torch, gather with the index broadcast over (B, H) is ~13x faster than that index_select
+    # (6 vs 87 ms for 2 x 20 s chunks of the tiny model on 2 CPU cores, where index_select was 59 % of the
+    # forward); same values.
+    column = _distance_columns(q_len, k_len, left, right, query.device)
+    return query, torch.gather(table, 3, column.expand(*table.shape[:2], q_len, k_len))
+
+
+@functools.lru_cache(maxsize=8)
+def _distance_columns(q_len: int, k_len: int, left: int, right: int, device: torch.device) -> torch.Tensor:
+    """(Lq, Lk) int64: the clamped distance's column for every (query, key) pair. Cached: a long file's chunks
+    share one length, and building it was ~7 % of a 20 s chunk's forward (8 MB, four passes, every layer)."""
+    rows = torch.arange(q_len, device=device)[:, None]
+    return (torch.arange(k_len, device=device)[None, :] - rows).clamp(-left, right) + left
 
 
 def use_fast_relative_key_bias(model: torch.nn.Module, enable: bool = True) -> torch.nn.Module:

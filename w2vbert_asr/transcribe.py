@@ -72,9 +72,10 @@ FAILED_FILE = "failed.json"  # in transcribe.output_dir: {audio file: why it cou
 # samples (0.035). Whole frames from 2.4 s up matched one read of the whole file to float rounding (1.2e-7).
 MPEG_FRAME = 1152
 # Chunks per forward pass for batch_size=auto, (CPU, GPU). On CPU a 20 s chunk already makes the matrix
-# products large: 8 chunks ran no faster per chunk than 2 (0.24 s each, tiny model, one thread) but peaked
-# 150 MB higher (the (B, heads, T, T) attention bias). A GPU wants the bigger batch.
-AUTO_BATCH_SIZE = (2, 8)
+# products large: 16 chunks of the tiny model on 2 threads took 1.44 s one at a time, 1.58 s two at a time and
+# 1.86 s four at a time, and every extra chunk in a batch holds its own (heads, T, T) attention tensors
+# (~16 MB each per 20 s chunk of the tiny model). A GPU wants the bigger batch.
+AUTO_BATCH_SIZE = (1, 8)
 # Files are decoded this many seconds at a time: a few MB per block at 44.1 kHz stereo, whatever the file's length.
 READ_BLOCK_SECONDS = 10.0
 
