@@ -170,7 +170,10 @@ def test_self_training_rounds_continue_from_the_last_model(tmp_path, pool_corpus
     base = tmp_path / "round0"
     shutil.copytree(random_model, base / "model")
     prepare(compose(run_overrides(base, pool_corpus)))
-    (base / "metrics.json").write_text(json.dumps({"splits": {"test": {"wer": 1.0, "cer": 0.9, "utterances": 6}}}))
+    from w2vbert_asr.evaluate import evaluate
+
+    evaluate(compose(run_overrides(base, pool_corpus, f"model_dir={base / 'model'}", "eval.split=test",
+                                   f"eval.results_dir={base}")))
     cfg = compose(run_overrides(tmp_path, pool_corpus, "self_training.thresholds=[0.0]", "self_training.restart=false",
                                 "self_training.max_ratio=0.05", "self_training.lm=true", "train.max_steps=1",
                                 "train.eval_steps=100",
@@ -187,6 +190,11 @@ def test_self_training_rounds_continue_from_the_last_model(tmp_path, pool_corpus
     assert json.loads((tmp_path / SUMMARY).read_text())["rounds"][1]["test"]["utterances"] == 6
     prep = json.loads((tmp_path / "round1" / "prepare_report.json").read_text())
     assert prep["extra_train"]["kept"] == summary["rounds"][1]["pseudo_labels"]
+    # The rounds are compared on the test split with intervals and a paired verdict, in one command.
+    comparison = json.loads((tmp_path / "compare" / "comparison.json").read_text())
+    assert summary["comparison"] == str(tmp_path / "compare")
+    assert [Path(r["dir"]).name for r in comparison["runs"]] == ["round0", "round1"]
+    assert all(r["cer_interval"] for r in comparison["runs"]) and len(comparison["pairs"]) == 1
 
 
 def test_init_from_a_model_of_another_vocabulary_is_a_usage_error(tmp_path, random_model, prepared_run):

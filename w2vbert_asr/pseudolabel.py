@@ -280,6 +280,24 @@ def _results(run: Path, cfg: DictConfig) -> dict:
             (cfg.data.eval_split, cfg.data.test_split) if s in metrics}
 
 
+def _compare_rounds(cfg: DictConfig, out: Path, rounds: int) -> str | None:
+    """`compare` over the rounds' test predictions (95 % intervals, paired verdicts) into out/compare, so
+    one command says whether a round really beat the supervised model. -> that folder, or None."""
+    from .report import compare
+
+    runs = [out / f"round{i}" for i in range(rounds)]
+    split = cfg.data.test_split
+    if rounds < 2 or not all((r / "predictions" / f"{split}.jsonl").is_file() for r in runs):
+        return None
+    ccfg = copy.deepcopy(cfg)
+    with open_dict(ccfg):
+        ccfg.compare.runs = [str(r) for r in runs]
+        ccfg.compare.split = split
+        ccfg.compare.output_dir = str(out / "compare")
+    compare(ccfg)
+    return str(out / "compare")
+
+
 def self_train(cfg: DictConfig) -> dict:
     """Round 0 (labelled only), then one pseudo-label + train round per self_training.thresholds entry."""
     from .train import train
@@ -311,7 +329,8 @@ def self_train(cfg: DictConfig) -> dict:
                        "kept_share": labels["kept_share"], "kept_cer": labels.get("kept_cer"), "labelled": labelled,
                        **_results(run, cfg)})
         previous = run / "model"
-    summary = {"restart": bool(st.restart), "max_ratio": st.get("max_ratio"), "lm": lm_dir, "rounds": rounds}
+    summary = {"restart": bool(st.restart), "max_ratio": st.get("max_ratio"), "lm": lm_dir, "rounds": rounds,
+               "comparison": _compare_rounds(cfg, out, len(rounds))}
     atomic_write_json(out / SUMMARY, summary)
     test = cfg.data.test_split
     print(f"{'round':>5}{'threshold':>10}{'pseudo':>8}{'kept %':>8}{'label CER %':>12}{'test WER %':>11}{'test CER %':>11}")
