@@ -58,6 +58,7 @@ def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
         )
     configure_trainable(model, model_cfg)
     attach_padding_hooks(model)
+    use_fast_relative_key_bias(model, bool(model_cfg.get("fast_position_bias", True)))
     if model_cfg.get("gradient_checkpointing"):
         # Recompute each layer's activations in the backward: ~30% slower, but the 600M model fits 16 GB.
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
@@ -207,8 +208,8 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     (144 MB for a 20 s chunk of the tiny model), and contracts every query with it: ~60 % of the tiny
     model's CPU time on 20 s chunks, and half its onnxruntime time. Only left + right + 1 distances exist
     (73 for W2v-BERT 2.0), so each query meets those once (a MatMul, (B, H, Lq, 73)) and each (q, k) pair
-    picks its column (one flat index_select, which exports to a single ONNX Gather). On training-length
-    clips (a few seconds) the two cost the same, so training keeps transformers' own.
+    picks its column (a gather; under ONNX export one flat index_select, a single ONNX Gather). Training
+    uses it too (`model.fast_position_bias`): a tiny-model step on 5.6 s clips ran 7-8 % faster.
     """
     left, right = int(module.left_max_position_embeddings), int(module.right_max_position_embeddings)
     width = left + right + 1
