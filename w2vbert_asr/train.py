@@ -629,8 +629,9 @@ def _mixed_precision(setting: str) -> str:
             # Emulated bf16 (e.g. V100) is slow: only native support counts.
             return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         # CPU: fp32. bf16 autocast (mixed_precision=bf16) is a switch, not the default: on cores with
-        # AVX-512 BF16 or AMX it made the demo step 1.2-1.8x and the mid-size step ~3.4x faster, but its
-        # effect on the demo's CER is not settled yet (benchmarks/README.md).
+        # AVX-512 BF16 or AMX it trained the demo 1.51x as fast as the reference (fp32 ours: 1.00x) and
+        # the mid-size step ~3.4x faster, but two seeds cannot tell its dev CER from fp32's
+        # (benchmarks/README.md, train_vs_reference.py).
         return "no"
     if setting == "bf16" and not torch.cuda.is_available() and not cpu_native_bf16():
         log.warning("mixed_precision=bf16 on a CPU without AVX-512 BF16/AMX: bf16 is emulated there, slower than fp32")
