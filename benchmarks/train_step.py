@@ -124,6 +124,17 @@ def _weight_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
 
+def _position_flops(layer, cfg, b: int, t: int) -> float:
+    """The position bias's matmul FLOPs in one Conformer layer. `model.fast_position_bias` (our
+    `relative_key_bias`) multiplies each query with the left + right + 1 distance embeddings and gathers;
+    transformers' own contracts each query with a (T, T, D) lookup, a score-sized matmul."""
+    kind = cfg.position_embeddings_type
+    if kind == "relative_key" and getattr(layer.self_attn, "_w2vbert_fast_bias", False):
+        width = cfg.left_max_position_embeddings + cfg.right_max_position_embeddings + 1
+        return 2 * b * t * width * cfg.hidden_size
+    return POSITION_SCORE_MATMULS.get(kind, 0) * 2 * b * t * t * cfg.hidden_size
+
+
 def forward_flops(model, batch_size: int, frames: int) -> tuple[float, float]:
     """Forward FLOPs of ``Wav2Vec2BertForCTC`` on ``(batch_size, frames, 160)`` padded features.
 
@@ -131,10 +142,10 @@ def forward_flops(model, batch_size: int, frames: int) -> tuple[float, float]:
     """
     cfg, w2v = model.config, model.wav2vec2_bert
     b, t = batch_size, frames
-    score_mms = 2 + POSITION_SCORE_MATMULS.get(cfg.position_embeddings_type, 0)
     layers = 0.0
     for layer in w2v.encoder.layers:
-        layers += 2 * _weight_params(layer) * b * t + score_mms * 2 * b * t * t * cfg.hidden_size
+        layers += (2 * _weight_params(layer) * b * t + 2 * 2 * b * t * t * cfg.hidden_size  # Q K^T, attention x V
+                   + _position_flops(layer, cfg, b, t))
     pre = 2 * _weight_params(w2v.feature_projection) * b * t
     if w2v.intermediate_ffn is not None:
         pre += 2 * _weight_params(w2v.intermediate_ffn) * b * t
