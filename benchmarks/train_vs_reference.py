@@ -4,8 +4,9 @@ Usage:
     python benchmarks/train_vs_reference.py                             # tiny model, 600 steps, 2 alternated pairs
     python benchmarks/train_vs_reference.py --arch mid --steps 60       # hidden 512, 8 layers: speed only
     python benchmarks/train_vs_reference.py --steps 40 --repeats 1      # quick look
-    python benchmarks/train_vs_reference.py --ours train.compile=true   # our side with other settings
+    python benchmarks/train_vs_reference.py --ours train.mixed_precision=bf16   # our side with other settings
     python benchmarks/train_vs_reference.py --json out.json             # also save every figure
+    python benchmarks/train_vs_reference.py --repeats 3 --train-seeds 42 1 2   # one training seed per pair
 
 The reference is ``examples/pytorch/speech-recognition/run_speech_recognition_ctc.py`` as a blog reader runs
 it, rebuilt here from its documented behaviour (the script is not copied): input features computed once
@@ -39,6 +40,13 @@ normaliser. The reference script's own metric decodes padding frames and is neve
 Each run is its own subprocess with ``--threads`` threads; the order alternates over ``--repeats`` pairs
 (ours first in even pairs) and the medians are reported. Runs on a shared machine are noisy: read the
 ratio.
+
+Training seeds: by default every run trains with ``--seed`` (the reference is then deterministic: the
+same CER every time). ``--train-seeds`` gives each pair its own training seed, used by both sides of the
+pair (``TrainingArguments.seed``: the reference's shuffling, SpecAugment masks and dropout; ours: the
+``seed`` key), while the init stays the one ``--seed`` made. A dev set of 40 clips scores one character
+as ~0.15 CER points, so a single pair cannot tell two loops' accuracy apart; over several seeds the
+benchmark reports the mean dev CER of each side and the mean paired gap with its spread.
 """
 
 from __future__ import annotations
@@ -234,7 +242,7 @@ def run_reference(args, setup: dict, run_dir: Path) -> dict:
         adam_beta2=tcfg.adam_betas[1],
         adam_epsilon=tcfg.adam_eps,
         max_grad_norm=tcfg.max_grad_norm,
-        seed=args.seed,
+        seed=_train_seed(args),
         use_cpu=args.device == "cpu",
         save_strategy="no",        # matched: no checkpoint inside the clock on either side
         eval_strategy="no",
@@ -250,6 +258,10 @@ def run_reference(args, setup: dict, run_dir: Path) -> dict:
     processor.save_pretrained(model_dir)
     return {"stamps": stamps, "step_seconds": collator.batch_seconds[: len(stamps)], "init_sha256": sha,
             "model_dir": str(model_dir), "torch_threads": torch.get_num_threads()}
+
+
+def _train_seed(args) -> int:
+    return args.seed if args.train_seed is None else args.train_seed
 
 
 def run_ours(args, setup: dict, run_dir: Path) -> dict:
@@ -272,7 +284,7 @@ def run_ours(args, setup: dict, run_dir: Path) -> dict:
     cfg = compose(base_overrides(args, Path(args.work_dir)) + model_overrides(Path(setup["init_dir"])) + [
         f"output_dir={run_dir}", f"train.max_steps={args.steps}", f"train.eval_steps={args.steps}",
         f"train.max_batch_seconds={setup['max_batch_seconds']}", f"train.max_batch_size={args.max_batch_size}",
-        "train.save_total_limit=1", *args.ours])
+        "train.save_total_limit=1", f"seed={_train_seed(args)}", *args.ours])
     processor = Wav2Vec2BertProcessor.from_pretrained(run_dir / "processor")
     sha = weights_sha256(build_model(cfg.model, processor.tokenizer))  # the path train() loads the init by
     # Real audio of every step, replayed from the (deterministic) sampler the loop uses.
@@ -335,13 +347,13 @@ def speed(result: dict, skip: int) -> dict:
             "audio_per_step": sum(secs[: len(stamps)]) / len(stamps)}
 
 
-def run_child(side: str, args, argv_extra: list[str], repeat: int) -> dict:
+def run_child(side: str, args, argv_extra: list[str], repeat: int, train_seed: int) -> dict:
     work = Path(args.work_dir)
     run_dir = work / "runs" / f"{args.arch}-{side}-{repeat}"
     result_file = work / "runs" / f"{args.arch}-{side}-{repeat}.json"
     result_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--run-dir", str(run_dir),
-           "--result", str(result_file), *argv_extra]
+           "--result", str(result_file), "--train-seed", str(train_seed), *argv_extra]
     env = dict(os.environ)
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # both sides on the CPU even where a GPU is present
@@ -357,6 +369,7 @@ def run_child(side: str, args, argv_extra: list[str], repeat: int) -> dict:
     result = json.loads(result_file.read_text())
     result.update(speed(result, args.skip_steps))
     result["total_wall_s"] = time.perf_counter() - t0
+    result["train_seed"] = train_seed
     return result
 
 
@@ -373,10 +386,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--hf-batch-size", type=int, default=19, help="the reference's clips per step")
     p.add_argument("--max-batch-size", type=int, default=32, help="our cap on clips per batch")
     p.add_argument("--skip-steps", type=int, default=20, help="first steps left out of the clock on both sides")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="the shared init, and the training seed unless --train-seeds")
+    p.add_argument("--train-seeds", type=int, nargs="+",
+                   help="training seed of each pair (both sides), cycled over --repeats; the init stays --seed's")
+    p.add_argument("--train-seed", type=int, help=argparse.SUPPRESS)
     p.add_argument("--work-dir", default=str(REPO / "outputs" / "bench" / "train_vs_reference"),
                    help="corpus, prepared data, init weights and runs (cached between invocations)")
-    p.add_argument("--ours", nargs="*", default=[], help="extra config overrides for our side, e.g. train.compile=true")
+    p.add_argument("--ours", nargs="*", default=[], help="extra config overrides for our side, e.g. train.mixed_precision=bf16")
     p.add_argument("--only", choices=["ours", "reference"], help="run one side only (no ratio)")
     p.add_argument("--json", help="also write every figure here")
     p.add_argument("--child", choices=["ours", "reference"], help=argparse.SUPPRESS)
@@ -402,12 +418,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         passthrough += ["--ours", *args.ours]
     sides = [args.only] if args.only else ["ours", "reference"]
     runs: dict[str, list[dict]] = {s: [] for s in sides}
+    seeds = args.train_seeds or [args.seed]
     for r in range(args.repeats):
         order = sides if r % 2 == 0 else sides[::-1]
+        train_seed = seeds[r % len(seeds)]
         for side in order:
-            res = run_child(side, args, passthrough, r)
+            res = run_child(side, args, passthrough, r, train_seed)
             runs[side].append(res)
-            print(f"  pair {r + 1} {side:<9}: {res['audio_s_per_s']:7.1f} audio-s/s over steps {args.skip_steps + 1}-"
+            print(f"  pair {r + 1} (seed {train_seed}) {side:<9}: {res['audio_s_per_s']:7.1f} audio-s/s over steps {args.skip_steps + 1}-"
                   f"{res['steps']} ({res['wall_s']:.1f} s, {res['audio_per_step']:.1f} s audio/step); dev WER "
                   f"{100 * res['dev']['wer']:.2f} % CER {100 * res['dev']['cer']:.2f} %; init {res['init_sha256'][:12]}")
     hashes = {r["init_sha256"] for rs in runs.values() for r in rs}
@@ -429,7 +447,16 @@ def main(argv: list[str] | None = None) -> dict | None:
         summary.update(ratio=ratio, pair_ratios=pair_ratios,
                        cer_gap_points=100 * (med["ours"]["cer"] - med["reference"]["cer"]))
         print(f"\nours / reference audio-s/s: {ratio:.2f}x (per pair: {', '.join(f'{x:.2f}x' for x in pair_ratios)}); "
-              f"dev CER ours - reference: {summary['cer_gap_points']:+.2f} points")
+              f"dev CER ours - reference (medians): {summary['cer_gap_points']:+.2f} points")
+        if len(set(seeds[: args.repeats])) > 1:
+            gaps = [100 * (o["dev"]["cer"] - h["dev"]["cer"]) for o, h in zip(runs["ours"], runs["reference"])]
+            means = {side: 100 * statistics.fmean(r["dev"]["cer"] for r in runs[side]) for side in sides}
+            spread = statistics.stdev(gaps) / len(gaps) ** 0.5
+            summary.update(seed_cer_gaps_points=gaps, mean_cer_points=means,
+                           mean_cer_gap_points=statistics.fmean(gaps), mean_cer_gap_sem=spread)
+            print(f"over {len(gaps)} training seeds: mean dev CER ours {means['ours']:.2f} %, reference "
+                  f"{means['reference']:.2f} %; paired gap per seed {', '.join(f'{g:+.2f}' for g in gaps)}: "
+                  f"mean {statistics.fmean(gaps):+.2f} points (standard error {spread:.2f})")
     command = "python benchmarks/train_vs_reference.py " + shlex.join(argv)
     print(f"command: {command.strip()}")
     if args.json:

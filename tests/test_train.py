@@ -28,6 +28,19 @@ def _history(out: Path, key: str) -> list[float]:
     return [r[key] for r in rows]
 
 
+def test_trains_after_an_accelerator_of_another_precision(tmp_path, run_overrides, prepared_run, sw_corpus):
+    # accelerate's process-wide state refuses a second precision: an Accelerator built earlier in the
+    # process (a notebook, another tool) must not stop train() from using its own, and vice versa.
+    from accelerate import Accelerator
+
+    Accelerator(cpu=True, mixed_precision="no")
+    _clone_prepared(prepared_run, tmp_path)
+    result = train(compose(run_overrides(tmp_path, sw_corpus, "train.max_steps=2", "train.eval_steps=2",
+                                         "train.warmup_steps=1", "train.mixed_precision=bf16")))
+    assert result["steps"] == 2 and (tmp_path / "model" / "model.safetensors").is_file()
+    assert Accelerator(cpu=True, mixed_precision="no").mixed_precision == "no"
+
+
 def _clone_prepared(src_cfg, dst: Path) -> None:
     """Reuse the session's prepared data (decoding MP3 again would only cost time)."""
     import shutil
@@ -162,7 +175,7 @@ def test_two_process_accelerate_launch(tmp_path, run_overrides, prepared_run, sw
     # Both ranks saved their RNG state (so a resumed 2-process run continues each stream), each its own.
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(last))
     assert "of 2 processes" in proc.stdout
-    assert "(seed 42)" in proc.stdout and "(seed 43)" in proc.stdout  # own dropout/SpecAugment stream per rank
+    assert "(seed 42," in proc.stdout and "(seed 43," in proc.stdout  # own dropout/SpecAugment stream per rank
     # Every rank ends with the same weights (a digest of each rank's weights, gathered at the end).
     assert "weights identical on all 2 processes" in proc.stdout, proc.stdout[-3000:]
 

@@ -226,6 +226,13 @@ def train_step(accelerator: Accelerator, model, optimizer, scheduler, micro_batc
 # --------------------------------------------------------------------------------------------- stages
 def train(cfg: DictConfig) -> dict:
     """Prepare data (cached), train, keep the best checkpoint, export model/ and score eval + test."""
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps the mixed precision in a process-wide singleton and refuses any other value for
+    # later Accelerators. So clear it on the way in (a notebook or test that built its own
+    # Accelerator(mixed_precision="no") must still train at auto's bf16) and on the way out (and build
+    # one again after training). The process group (PartialState) stays.
+    AcceleratorState._reset_state()
     handler_box: list[logging.Handler] = []
     try:
         return run(cfg, handler_box)
@@ -233,11 +240,6 @@ def train(cfg: DictConfig) -> dict:
         for handler in handler_box:
             logging.getLogger("w2vbert_asr").removeHandler(handler)
             handler.close()
-        # accelerate keeps the mixed precision in a process-wide singleton and refuses any other value for
-        # later Accelerators: a notebook or test that trains (bf16 on a bf16 CPU) and then builds its own
-        # Accelerator(mixed_precision="no") must not fail. The process group (PartialState) stays.
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state()
 
 
@@ -277,7 +279,7 @@ def setup(cfg: DictConfig, handler_box: list) -> Session:
     # every replica would mask the same frames. The sampler and the loader have their own global seed.
     process_seed = cfg.seed + accelerator.process_index
     print(f"process {accelerator.process_index} of {accelerator.num_processes} processes on {accelerator.device}"
-          f" (seed {process_seed})")
+          f" (seed {process_seed}, mixed precision {accelerator.mixed_precision})")
     if not main:  # one voice on the terminal
         logging.getLogger("w2vbert_asr").setLevel(logging.WARNING)
     if main:
@@ -628,11 +630,11 @@ def _mixed_precision(setting: str) -> str:
         if torch.cuda.is_available():
             # Emulated bf16 (e.g. V100) is slow: only native support counts.
             return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-        # CPU: fp32. bf16 autocast (mixed_precision=bf16) is a switch, not the default: on cores with
-        # AVX-512 BF16 or AMX it trained the demo 1.51x as fast as the reference (fp32 ours: 1.00x) and
-        # the mid-size step ~3.4x faster, but two seeds cannot tell its dev CER from fp32's
-        # (benchmarks/README.md, train_vs_reference.py).
-        return "no"
+        # CPU: bf16 autocast where the cores multiply bf16 natively (AVX-512 BF16 or AMX): over three
+        # training seeds of the demo it trained 1.59x as fast as the reference script's Trainer (fp32
+        # ours: ~1.1x) at the same dev CER (2.40 % vs fp32's 2.35 % and the reference's 2.45 %); see
+        # benchmarks/README.md. Elsewhere bf16 is emulated and slower than fp32, so fp32.
+        return "bf16" if cpu_native_bf16() else "no"
     if setting == "bf16" and not torch.cuda.is_available() and not cpu_native_bf16():
         log.warning("mixed_precision=bf16 on a CPU without AVX-512 BF16/AMX: bf16 is emulated there, slower than fp32")
     return setting
