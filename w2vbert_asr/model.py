@@ -226,9 +226,7 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # In eager torch, gather with the index broadcast over (B, H) is ~13x faster than that index_select
     # (6 vs 87 ms for 2 x 20 s chunks of the tiny model on 2 CPU cores, where index_select was 59 % of the
     # forward); same values.
-    # Under torch.compile the lengths are symbolic: a cache keyed by them would pin every length.
-    columns = _distance_columns.__wrapped__ if torch.compiler.is_compiling() else _distance_columns
-    column = columns(q_len, k_len, left, right, query.device)
+    column = _distance_columns(q_len, k_len, left, right, query.device)
     return query, torch.gather(table, 3, column.expand(*table.shape[:2], q_len, k_len))
 
 
