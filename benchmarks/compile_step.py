@@ -9,7 +9,8 @@ Usage:
 Every variant starts from the shared init of ``benchmarks/train_vs_reference.py`` (which this script
 prepares when needed), with the same seed, and runs the same list of demo batches (the duration-bucketed
 sampler at that benchmark's audio per step, ``--epochs`` epochs of 17 batches): our ``compute_loss``
-(features on the fly, our CTC loss), backward, clipping and fused AdamW. The first epoch holds the
+(features on the fly, our CTC loss), backward, clipping and fused AdamW with the demo's schedule: the
+training loop's own ``w2vbert_asr.train.train_step`` under an ``Accelerator``. The first epoch holds the
 compilation; the speed is the audio of the later epochs over their wall time.
 
 Variants (``--modes``):
@@ -67,38 +68,39 @@ def batches_of(setup: dict, processor, epochs: int, max_batch_size: int, seed: i
 
 
 def run_variant(mode: str, setup: dict, processor, batches: list[dict], per_epoch: int, bf16: bool, seed: int) -> dict:
+    """One variant from the shared init: every batch is one optimizer step of the loop's own `train_step`."""
     import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
-    from omegaconf import OmegaConf
-    from transformers import Wav2Vec2BertForCTC
+    from transformers import Wav2Vec2BertForCTC, get_scheduler
 
+    from w2vbert_asr.cli import compose
     from w2vbert_asr.features import BatchFeatureExtractor
     from w2vbert_asr.model import attach_padding_hooks, use_fast_relative_key_bias
-    from w2vbert_asr.train import _optimizer, compute_loss
+    from w2vbert_asr.train import _optimizer, train_step
 
     torch._dynamo.reset()
+    AcceleratorState._reset_state()  # each variant its own precision setting
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16" if bf16 else "no")
+    tcfg = compose(["recipe=demo"]).train  # the demo's AdamW, schedule and clipping
     set_seed(seed)
     model = Wav2Vec2BertForCTC.from_pretrained(setup["init_dir"], attn_implementation="eager", use_safetensors=True)
     use_fast_relative_key_bias(attach_padding_hooks(model)).train()
-    optimizer = _optimizer(model, OmegaConf.create({"weight_decay": 0.01, "adamw_impl": "fused", "learning_rate": 2e-3,
-                                                     "adam_betas": [0.9, 0.98], "adam_eps": 1e-8}))
-    featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor)
-    forward = model
+    optimizer = _optimizer(model, tcfg)
+    scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
+                              num_training_steps=tcfg.max_steps)
     if mode == "whole":
-        forward = torch.compile(model, dynamic=True)
+        model = torch.compile(model, dynamic=True)
     elif mode == "regional":
         for layer in model.wav2vec2_bert.encoder.layers:
             layer.compile(dynamic=True)
-    device = torch.device("cpu")
+    model, optimizer = accelerator.prepare(model, optimizer)
+    featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor)
     losses, stamps = [], [time.perf_counter()]
     for i, batch in enumerate(batches):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = compute_loss(forward, batch, featurizer, device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        out = train_step(accelerator, model, optimizer, scheduler, [batch], featurizer, tcfg.max_grad_norm)
+        losses.append(out.loss_sum / max(out.finite, 1))
         if (i + 1) % per_epoch == 0:
             stamps.append(time.perf_counter())
     later = stamps[-1] - stamps[1]
