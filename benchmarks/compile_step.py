@@ -45,9 +45,9 @@ def batches_of(setup: dict, processor, epochs: int, max_batch_size: int, seed: i
     import torch.nn.functional as F
 
     from w2vbert_asr.batching import DurationBatchSampler
-    from w2vbert_asr.data import load_prepared
-    from w2vbert_asr.features import SAMPLING_RATE
-    from w2vbert_asr.train import Collator
+    from w2vbert_asr.prepared import load_prepared
+    from w2vbert_asr.geometry import SAMPLING_RATE
+    from w2vbert_asr.loss import Collator
 
     train = load_prepared(setup["data_dir"], "train")
     sampler = DurationBatchSampler(train["duration"], setup["max_batch_seconds"], max_batch_size, seed=seed)
@@ -78,7 +78,8 @@ def run_variant(mode: str, setup: dict, processor, batches: list[dict], per_epoc
     from w2vbert_asr.cli import compose
     from w2vbert_asr.features import BatchFeatureExtractor
     from w2vbert_asr.model import attach_padding_hooks, use_fast_relative_key_bias
-    from w2vbert_asr.train import _optimizer, train_step
+    from w2vbert_asr.optim import make_optimizer
+    from w2vbert_asr.train import train_step
 
     torch._dynamo.reset()
     AcceleratorState._reset_state()  # each variant its own precision setting
@@ -87,7 +88,7 @@ def run_variant(mode: str, setup: dict, processor, batches: list[dict], per_epoc
     set_seed(seed)
     model = Wav2Vec2BertForCTC.from_pretrained(setup["init_dir"], attn_implementation="eager", use_safetensors=True)
     use_fast_relative_key_bias(attach_padding_hooks(model)).train()
-    optimizer = _optimizer(model, tcfg)
+    optimizer = make_optimizer(model, tcfg)
     scheduler = get_scheduler(tcfg.lr_scheduler, optimizer, num_warmup_steps=tcfg.warmup_steps,
                               num_training_steps=tcfg.max_steps)
     if mode == "whole":

@@ -50,7 +50,8 @@ def main() -> None:
     from transformers import SeamlessM4TFeatureExtractor
 
     from w2vbert_asr import synth
-    from w2vbert_asr.features import BatchFeatureExtractor, _cpu_kernels, pad_waves
+    from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
+    from w2vbert_asr.fbank import cpu_kernels
 
     torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -61,7 +62,7 @@ def main() -> None:
     hf = SeamlessM4TFeatureExtractor()
     ours = BatchFeatureExtractor.from_hf(hf, cpu_kernels=not args.torch_ops).to(args.device)
     if args.device == "cpu":
-        path = "torch ops" if args.torch_ops or _cpu_kernels() is None else "numba loops"
+        path = "torch ops" if args.torch_ops or cpu_kernels() is None else "numba loops"
     else:
         path = "torch ops"
     batches = [clips[i : i + args.batch] for i in range(0, len(clips), args.batch)]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of benchmarks/README.md in one run, for when a GPU is lent (about 9 minutes on an H200: under one 10-minute device command).
+# The GPU checks of benchmarks/README.md in one run (each step under its own time limit: 12 minutes in all at most).
 #
 # Usage:
 #     bash benchmarks/gpu_check.sh [OUT_DIR]        # default OUT_DIR: $OUT if set, else outputs/gpu_check
@@ -9,11 +9,14 @@
 #    the script's default);
 # 2. train_step.py --attn both: the 600M model at the v100_16gb preset (fp16, gradient checkpointing) under a
 #    16 GiB cap: audio-s/s, peak memory, MFU, eager vs SDPA;
-# 3. inference_speed.py: W2v-BERT 2.0 vs whisper-large-v3 (random weights, fp16) at batch 1 and 8.
-# Each step writes <name>.txt (and train_vs_reference/inference_speed a .json) into OUT_DIR and has its own time limit, so one that hangs does
-# not take the others with it. Missing Python packages (hydra-core, omegaconf, datasets, jiwer, soundfile, soxr,
-# espeakng-loader; a transformers >= 5.23) can travel as wheels in .whl/ (see the device notes); they are
-# installed first when that folder exists.
+# 3. inference_speed.py: W2v-BERT 2.0 vs whisper-large-v3 (random weights, fp16) at batch 1 and 8;
+# 4. bakeoff_gpu.py: omniASR-CTC-300M's training step at the v100_16gb preset (audio-s/s, peak memory under the
+#    16 GiB cap) and the zero-shot baselines' inference RTFx (omniASR-CTC 300M/1B, MMS-1b-all; the omniASR LLM
+#    when LLM_CONFIG names its config.json), random weights in the released shapes.
+# Each step writes <name>.txt (and train_vs_reference/inference_speed a .json) into OUT_DIR and has its own time
+# limit, so one that hangs does not take the others with it. On a machine without a package index, put the missing
+# Python packages (hydra-core, omegaconf, datasets, jiwer, soundfile, soxr, espeakng-loader; a transformers >= 5.23)
+# as wheels in .whl/: they are installed first when that folder exists.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-outputs/gpu_check}}"
@@ -52,4 +55,6 @@ step train_vs_reference 300 "$PY" benchmarks/train_vs_reference.py --device cuda
 step train_step 120 "$PY" benchmarks/train_step.py --attn both --memory-cap-gib 16
 step inference_speed 120 "$PY" benchmarks/inference_speed.py --device cuda --batch-sizes 1 8 --clips 64 \
     --json "$OUT_DIR/inference_speed.json"
+step bakeoff_gpu 180 "$PY" benchmarks/bakeoff_gpu.py --device cuda --json "$OUT_DIR/bakeoff_gpu.json" \
+    ${LLM_CONFIG:+--llm-config "$LLM_CONFIG"}
 exit $status

@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from w2vbert_asr.evaluate import _device_name  # noqa: E402
+from w2vbert_asr.devices import device_name  # noqa: E402
 from w2vbert_asr.features import BatchFeatureExtractor, pad_waves  # noqa: E402
 
 SAMPLING_RATE = 16_000
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     clips = make_clips(args.clips, args.seed)
     audio_s = sum(len(c) for c in clips) / SAMPLING_RATE
     print(f"{len(clips)} clips, {audio_s:.1f} s of audio ({len(clips[-1]) / SAMPLING_RATE:.1f}-"
-          f"{len(clips[0]) / SAMPLING_RATE:.1f} s), device {_device_name(device)}, {args.dtype}, "
+          f"{len(clips[0]) / SAMPLING_RATE:.1f} s), device {device_name(device)}, {args.dtype}, "
           f"torch {torch.__version__}", flush=True)
 
     results = {}
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\nspeed ratio (Whisper wall time / ours, same clips): "
           + ", ".join(f"batch {bs}: {r:.1f}x" for bs, r in ratios.items()))
     print(f"command: {command(args)}")
-    summary = {"command": command(args), "device": _device_name(device), "dtype": args.dtype, "clips": len(clips),
+    summary = {"command": command(args), "device": device_name(device), "dtype": args.dtype, "clips": len(clips),
                "audio_seconds": audio_s, "tokens_per_second": args.tokens_per_second, "small": args.small,
                "models": results, "ratio_whisper_over_ours": ratios}
     if args.json:

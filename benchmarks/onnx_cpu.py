@@ -43,7 +43,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from w2vbert_asr.export import export_onnx, onnx_size, optimize_offline, quantize_int8  # noqa: E402
-from w2vbert_asr.features import SAMPLING_RATE, BatchFeatureExtractor, pad_waves  # noqa: E402
+from w2vbert_asr.geometry import SAMPLING_RATE  # noqa: E402
+from w2vbert_asr.features import BatchFeatureExtractor, pad_waves  # noqa: E402
 from w2vbert_asr.onnx_model import OnnxCTCModel  # noqa: E402
 
 CTC_VOCAB = 40  # [PAD], [UNK], |, ~37 characters
@@ -182,7 +183,7 @@ def run_variants(args) -> None:
     """Every int8 variant of a trained model: size, speed at batch 1 and test CER, next to fp32."""
     from transformers import Wav2Vec2BertConfig, Wav2Vec2BertProcessor
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.prepared import load_prepared
     from w2vbert_asr.evaluate import decode_dataset, greedy_decoder, score
     from w2vbert_asr.export import FP32_FILE, ONNX_DIR, export_model_dir
     from w2vbert_asr.text import Normalizer
@@ -190,7 +191,9 @@ def run_variants(args) -> None:
     model_dir = Path(args.model_dir)
     fp32 = model_dir / ONNX_DIR / FP32_FILE
     if not fp32.is_file():
-        export_model_dir(model_dir, {"quantize": None, "opset": 17, "dynamo": False, "optimize": "basic"})
+        from w2vbert_asr.cli import compose
+
+        export_model_dir(model_dir, compose(["lang=model", "export.optimize=basic"]).export)
     config = Wav2Vec2BertConfig.from_pretrained(model_dir)
     processor = Wav2Vec2BertProcessor.from_pretrained(model_dir)
     normalizer = Normalizer.load(model_dir)

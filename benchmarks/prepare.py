@@ -40,7 +40,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
 from w2vbert_asr.cli import compose  # noqa: E402
-from w2vbert_asr.data import PREPARED, load_audio, load_prepared, prepare, splits_of, to_float, waves_of  # noqa: E402
+from w2vbert_asr.prepared import PREPARED, load_prepared  # noqa: E402
+from w2vbert_asr.audio import load_audio, to_float, waves_of  # noqa: E402
+from w2vbert_asr.prepare import prepare  # noqa: E402
+from w2vbert_asr.sources import splits_of  # noqa: E402
 
 TARGET_SPEEDUP = 1.8
 TARGET_MB_PER_HOUR = 120
@@ -111,7 +114,8 @@ def _feature_effect(originals: list[np.ndarray], quantised: list[np.ndarray]) ->
     import torch
     from transformers import SeamlessM4TFeatureExtractor
 
-    from w2vbert_asr.features import FEATURE_STRIDE, FRAME_LENGTH, HOP_LENGTH, BatchFeatureExtractor, pad_waves
+    from w2vbert_asr.geometry import FEATURE_STRIDE, FRAME_LENGTH, HOP_LENGTH
+    from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
 
     extract = BatchFeatureExtractor.from_hf(SeamlessM4TFeatureExtractor())
     worst = {"speech": 0.0, "between": 0.0, "silence": 0.0}

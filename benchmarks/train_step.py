@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))  # run from a checkout without install; also makes
 from benchmarks.batching import MAX_SECONDS, MIN_SECONDS, corpus_durations  # noqa: E402
 from w2vbert_asr.batching import DurationBatchSampler  # noqa: E402
 from w2vbert_asr.cli import compose  # noqa: E402
-from w2vbert_asr.features import SAMPLING_RATE, ctc_output_frames  # noqa: E402
+from w2vbert_asr.geometry import SAMPLING_RATE, FrameGeometry  # noqa: E402
 from w2vbert_asr.features import BatchFeatureExtractor  # noqa: E402
 from w2vbert_asr.model import architecture_config, build_model, count_parameters  # noqa: E402
 from w2vbert_asr.text import Vocabulary, build_processor  # noqa: E402
@@ -90,7 +90,7 @@ FULL_ARCHITECTURE = {
 SMALL_CAPS = {"max_batch_seconds": 20.0, "max_batch_size": 8, "gradient_accumulation_steps": 2}
 
 # Dense (no sparsity) fp16/bf16 tensor-core peak in TFLOP/s, matched as a whole word in
-# torch.cuda.get_device_name() (an "L40S" is no "L4"); more specific names first (an "H100 PCIe" is no SXM).
+# torch.cuda.getdevice_name() (an "L40S" is no "L4"); more specific names first (an "H100 PCIe" is no SXM).
 PEAK_TFLOPS = [
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
@@ -198,7 +198,7 @@ def make_micro_batch(durations: np.ndarray, vocab_size: int, model_config, seed:
     for i, n in enumerate(lengths):
         waves[i, :n] = torch.from_numpy(rng.normal(0.0, NOISE_STD, n).astype(np.float32))
         # Random labels rarely repeat, so CTC needs about one frame per label; keep a frame spare.
-        n_labels = max(1, min(round(CHARS_PER_SECOND * n / SAMPLING_RATE), ctc_output_frames(int(n), model_config) - 1))
+        n_labels = max(1, min(round(CHARS_PER_SECOND * n / SAMPLING_RATE), FrameGeometry.of(model_config).output_frames(int(n)) - 1))
         label_rows.append(rng.integers(2, vocab_size, n_labels))  # ids >= 2: "|" and characters
     labels = torch.full((len(lengths), max(map(len, label_rows))), -100, dtype=torch.long)
     for row, ids in zip(labels, label_rows):
@@ -279,7 +279,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _optimizer(model, tcfg, device: torch.device) -> tuple[torch.optim.Optimizer, bool]:
+def make_optimizer(model, tcfg, device: torch.device) -> tuple[torch.optim.Optimizer, bool]:
     """AdamW as w2vbert_asr.train._optimizer (no decay on biases and norms), fused when the build allows."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -318,11 +318,15 @@ def _train_step(accelerator, model, optimizer, scheduler, batches: list[MicroBat
     feature_watch = _Stopwatch(device)
     shapes = []
 
-    def featurizer(waves, lengths):  # the real extractor, timed, shapes recorded
-        with feature_watch():
-            feats, mask = setup["featurizer"](waves, lengths)
-        shapes.append(tuple(feats.shape[:2]))
-        return feats, mask
+    class Featurizer:  # the real extractor behind the loop's interface, timed, shapes recorded
+        @staticmethod
+        def model_inputs(waves, lengths, **keys):
+            with feature_watch():
+                inputs = setup["featurizer"].model_inputs(waves, lengths, **keys)
+            shapes.append(tuple(inputs["input_features"].shape[:2]))
+            return inputs
+
+    featurizer = Featurizer()
 
     # SpecAugment draws its masks from numpy's global RNG and dropout from torch's: seeding both per step
     # gives every attention implementation the very same masks.
@@ -350,7 +354,7 @@ def run(attn: str, setup: dict, args, init_state: dict | None) -> tuple[RunResul
     first_state = None
     if init_state is None and args.attn == "both":
         first_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    optimizer, fused = _optimizer(model, tcfg, device)
+    optimizer, fused = make_optimizer(model, tcfg, device)
     setup.setdefault("fused", fused)
     setup.setdefault("parameters", count_parameters(model)[1])
     # The real loop's accelerate setup: autocast, fp16 GradScaler and accumulation come from it.
@@ -521,7 +525,7 @@ def _resolve_dtype(args, train_cfg, device: torch.device) -> torch.dtype:
             setting = "bf16" if _has_bf16(device) else "fp16"
         name = {"no": "fp32"}.get(setting, setting)
     if name == "bf16" and device.type == "cuda" and not _has_bf16(device):
-        raise SystemExit(f"{torch.cuda.get_device_name(device)} has no bf16; use --dtype fp16")
+        raise SystemExit(f"{torch.cuda.getdevice_name(device)} has no bf16; use --dtype fp16")
     return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
 
 
@@ -552,7 +556,7 @@ def main(argv: list[str] | None = None) -> list[RunResult]:
     cap_gib = None
     device_name, total_gib = "cpu", None
     if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
+        device_name = torch.cuda.getdevice_name(device)
         total_gib = torch.cuda.get_device_properties(device).total_memory / GIB
         cap_gib = DEFAULT_CAP_GIB if args.memory_cap_gib is None else args.memory_cap_gib
         if cap_gib and cap_gib < total_gib:

@@ -18,7 +18,7 @@ Each (system, file) runs in a fresh Python process, so its peak RSS (VmHWM) is i
 model is loaded and warmed up on 1 s of audio (numba compilation, first-call allocations) before the clock
 starts; the clock then covers reading the file, features, forward, stitching and decoding to text.
 * ours: `Transcriber(model, processor, chunk_seconds=20, overlap_seconds=4).transcribe_file` (transcribe's
-  defaults: 2 chunks per forward pass on CPU), which reads the file in blocks (`transcribe.read_blocks`);
+  defaults: 2 chunks per forward pass on CPU), which reads the file in blocks (`audio.read_blocks`);
 * pipeline: `pipeline("automatic-speech-recognition", model=<dir>, chunk_length_s=20, stride_length_s=2,
   batch_size=2)` on the same model folder (plain transformers: its own feature extractor and attention),
   given the whole file read with soundfile, the only way it takes a long file; stride 2 s per side is
@@ -112,7 +112,7 @@ def run_child(system: str, model_dir: str, audio: str, threads: int, batch_size:
     seconds = sf.info(audio).frames / sf.info(audio).samplerate
     warm = np.random.default_rng(0).normal(0, 0.1, SAMPLING_RATE).astype(np.float32)
     if system == "ours":
-        from w2vbert_asr.transcribe import Transcriber, load_model
+        from w2vbert_asr.transcribe import load_model, Transcriber
 
         model, processor = load_model(model_dir, "cpu")
         transcriber = Transcriber(model, processor, "cpu", CHUNK_SECONDS, OVERLAP_SECONDS, batch_size=batch_size)

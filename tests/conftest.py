@@ -36,7 +36,7 @@ def sw_corpus(tmp_path_factory):
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory, sw_corpus):
     """A prepared output_dir on the small Swahili corpus -> its config."""
-    from w2vbert_asr.data import prepare
+    from w2vbert_asr.prepare import prepare
 
     cfg = compose(_run_overrides(tmp_path_factory.mktemp("prepared_run"), sw_corpus))
     prepare(cfg)

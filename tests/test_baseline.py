@@ -98,16 +98,22 @@ def test_results_have_evaluate_format(run):
 
 
 def test_long_clips_use_long_form_decoding(tiny_whisper_dir):
-    """A clip over Whisper's 30 s window is decoded sequentially, not cut at 30 s; order is kept."""
+    """A clip over Whisper's 30 s window is decoded sequentially, window after window, not cut at 30 s; order
+    is kept. The scripted decoder writes its transcript once per window it is given, so a 35 s clip reads it
+    twice and a 65 s clip three times (cut at 30 s, each would read it once), and a short clip once."""
+    import math
+
     import datasets
 
     model, processor = load_whisper(str(tiny_whisper_dir), torch.device("cpu"), torch.float32)
-    waves = [np.zeros(16_000 * 2, np.float32), np.zeros(16_000 * 35, np.float32)]
-    ds = datasets.Dataset.from_dict({"duration": [2.0, 35.0], "audio": waves}).with_format("numpy")
+    durations = [2.0, 65.0, 35.0, 3.0]  # batches of 2, longest first: {65 s, 35 s} long-form, {3 s, 2 s} not
+    waves = [np.zeros(int(16_000 * d), np.float32) for d in durations]
+    ds = datasets.Dataset.from_dict({"duration": durations, "audio": waves}).with_format("numpy")
     texts, seconds = transcribe_dataset(model, processor, ds, 2, {"language": "sw", "task": "transcribe",
                                                                   "max_new_tokens": 20}, torch.device("cpu"),
                                         torch.float32)
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts) and seconds > 0
+    assert [t.count(TRANSCRIPT) for t in texts] == [math.ceil(d / 30) for d in durations] == [1, 3, 2, 1], texts
+    assert [t.replace(TRANSCRIPT, "").strip() for t in texts] == [""] * 4 and seconds > 0
 
 
 @pytest.mark.parametrize("code, expected", [("sw", "sw"), ("sv-SE", "sv"), ("zh-CN", "zh"), ("pa_IN", "pa"),

@@ -25,17 +25,28 @@ def ts(load_benchmark):
     torch.set_num_threads(threads)  # main(--threads 1) and this fixture change process-wide state
 
 
-def test_peak_table(ts):
-    assert ts.peak_tflops("Tesla V100-SXM2-16GB") == 125
-    assert ts.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
-    assert ts.peak_tflops("NVIDIA H100 80GB HBM3") == 989
-    assert ts.peak_tflops("NVIDIA H100 PCIe") == 756
-    assert ts.peak_tflops("NVIDIA H200") == 989
-    assert ts.peak_tflops("NVIDIA A10G") == 125
-    assert ts.peak_tflops("NVIDIA L4") == 121
-    assert ts.peak_tflops("Tesla T4") == 65
-    assert ts.peak_tflops("NVIDIA L40S") is None  # not an L4
-    assert ts.peak_tflops("Some Future GPU") is None
+def test_peak_lookup_takes_the_most_specific_whole_word(ts):
+    """Every GPU of the table is found from a device name that holds it, whatever the case and suffix, and is
+    not shadowed by a shorter name listed before it (an "H100 PCIe" is no SXM "H100"); a model number that only
+    starts like a listed one is another GPU, whose peak is unknown rather than wrong."""
+    for key, tflops in ts.PEAK_TFLOPS:
+        for name in (f"NVIDIA {key}", f"NVIDIA {key}-SXM4-80GB", f"nvidia {key.lower()} 80GB HBM3"):
+            assert ts.peak_tflops(name) == tflops, name
+    for other in ("NVIDIA L40S", "NVIDIA A10", "NVIDIA H1000", "Some Future GPU", ""):  # L40S/A10: not L4/A10G
+        assert ts.peak_tflops(other) is None, other
+
+
+def test_printed_mfu_is_model_flops_over_the_devices_peak(ts, capsys):
+    """The table's MFU/HFU divide the achieved model/hardware TFLOP/s by the peak of the device's name."""
+    peak = ts.peak_tflops("NVIDIA H100 80GB HBM3")
+    run = ts.RunResult(attn="sdpa", steps=2, seconds=4.0, audio_seconds=40.0, padded_seconds=44.0,
+                       feature_seconds=0.4, model_flops=0.25 * peak * 1e12 * 4.0,
+                       hardware_flops=0.3 * peak * 1e12 * 4.0)
+    for device_peak, mfu, hfu in ((peak, "25.0%", "30.0%"), (None, "unknown", "unknown")):
+        ts.print_results([run], {"device": torch.device("cpu"), "peak_tflops": device_peak, "dtype": torch.bfloat16},
+                         [])
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("sdpa "))
+        assert row.split()[7:9] == [mfu, hfu], row
 
 
 def test_cpu_small_run_eager_vs_sdpa(ts, capsys):

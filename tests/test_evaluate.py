@@ -38,6 +38,31 @@ def test_known_predictions_give_known_metrics(tmp_path):
 
 def test_error_rates_match_jiwer_definition():
     assert error_rates(["a b c d"], ["a x c"]) == {"wer": 0.5, "cer": pytest.approx(3 / 7)}
+    # An empty reference has no words to be wrong about: it is left out of the corpus rates.
+    assert error_rates(["", "a b c d", " "], ["x y", "a x c", ""]) == {"wer": 0.5, "cer": pytest.approx(3 / 7)}
+
+
+def test_no_reference_words_give_nan_rates_that_are_written_and_printed(tmp_path, capsys):
+    """External data whose references are all empty (blank or whitespace): no words to measure errors
+    against, so WER and CER are NaN (not 0, which would read as perfect), and scoring, metrics.json and
+    the printed table all cope."""
+    import math
+
+    from w2vbert_asr.evaluate import print_table
+
+    rates = error_rates(["", "   "], ["habari", ""])
+    assert set(rates) == {"wer", "cer"} and all(math.isnan(v) for v in rates.values())
+    assert all(math.isnan(v) for v in error_rates([], []).values())
+
+    metrics, rows = score(_dataset(["", " "]), ["Habari!", ""], Normalizer())
+    assert math.isnan(metrics["wer"]) and math.isnan(metrics["cer"]) and metrics["utterances"] == 2
+    # Per utterance: a hypothesis against an empty reference is all wrong, silence is right.
+    assert [(r["wer"], r["cer"]) for r in rows] == [(1.0, 1.0), (0.0, 0.0)]
+    write_results(tmp_path, "test", metrics, rows, {"system": "x"})
+    saved = json.loads((tmp_path / "metrics.json").read_text())["splits"]["test"]
+    assert math.isnan(saved["wer"]) and math.isnan(saved["cer"]) and saved["utterances"] == 2
+    print_table({"test": metrics})
+    assert "nan" in capsys.readouterr().out.splitlines()[1]
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +84,19 @@ def trained_model_dir(tmp_path_factory, prepared_run, run_overrides):
 def test_model_dir_loads_in_plain_transformers_pipeline(trained_model_dir):
     from transformers import pipeline
 
-    from w2vbert_asr.data import load_prepared, to_float
+    from w2vbert_asr.prepared import load_prepared
+    from w2vbert_asr.audio import to_float
 
+    """transformers' own pipeline, given only the model folder, transcribes each test clip as the toolkit's
+    batched decoding did at the end of training (predictions/test.jsonl), up to the model's normaliser."""
     asr = pipeline("automatic-speech-recognition", model=str(trained_model_dir / "model"), device="cpu")
-    clip = load_prepared(trained_model_dir, "test")[0]
-    out = asr({"raw": to_float(clip["audio"]), "sampling_rate": 16000})
-    assert isinstance(out["text"], str)
+    normalizer = Normalizer.load(trained_model_dir / "model")
+    ours = {r["id"]: r["hypothesis"] for r in load_lines(trained_model_dir / "predictions" / "test.jsonl")}
+    clips = load_prepared(trained_model_dir, "test")
+    theirs = {str(c["id"]): normalizer(asr({"raw": to_float(c["audio"]), "sampling_rate": 16000})["text"])
+              for c in clips}
+    assert theirs == ours and len(theirs) == len(clips)
+    assert any(theirs.values())  # a 3-step model still writes characters: the comparison is not of blanks
 
 
 def test_evaluate_command_scores_a_split_from_the_source(trained_model_dir, prepared_run):

@@ -17,14 +17,14 @@ import torch
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
 from w2vbert_asr.export import FP32_FILE, INT8_FILE, ONNX_DIR, CTCWithLengths, export_model_dir
-from w2vbert_asr.features import SAMPLING_RATE, BatchFeatureExtractor, ctc_output_frames, pad_waves
+from w2vbert_asr.geometry import SAMPLING_RATE, FrameGeometry
+from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
 
 ATOL = 1e-4
 # Samples per clip: 1 s and 25 s, and fbank counts (n - 400) // 160 + 1 both odd and even, so the last
 # stacked frame is sometimes half padding (see CTCWithLengths).
 BATCH_SAMPLES = [16_000, 400_000, 16_160, 56_000, 32_320, 200_000, 17_000]
-EXPORT_CFG = {"quantize": "int8", "opset": 17, "dynamo": False, "optimize": "basic",
-              "int8": {"weight_type": "QInt8", "per_channel": False, "op_types": ["MatMul"]}}
+EXPORT_CFG = compose(["lang=sw", "export.quantize=int8", "export.optimize=basic"]).export
 
 
 def _save_tiny_model(folder: Path, processor, seed: int = 0) -> Path:
@@ -88,13 +88,14 @@ def test_ort_fp32_matches_torch_on_a_padded_batch(exported, samples):
     out = load_onnx_model(model_dir)(input_features=feats, attention_mask=mask)
     assert out.logits.shape == expected.shape
     torch.testing.assert_close(out.logits, expected, atol=ATOL, rtol=0)
-    frames = ctc_output_frames(lengths, load_onnx_model(model_dir).config)
+    frames = FrameGeometry.of(load_onnx_model(model_dir).config).output_frames(lengths)
     assert out.output_lengths.tolist() == frames.tolist()
 
 
 def test_in_graph_lengths_equal_output_lengths_on_odd_and_even_frame_counts(exported):
     """Every length from 35 ms to 0.2 s, one sample at a time past each fbank boundary, in one padded batch."""
-    from w2vbert_asr.model import load_ctc_model, output_lengths
+    from w2vbert_asr.model import load_ctc_model
+    from w2vbert_asr.geometry import FrameGeometry
 
     model_dir, _ = exported
     samples = list(range(560, 3_400, 80))
@@ -104,7 +105,7 @@ def test_in_graph_lengths_equal_output_lengths_on_odd_and_even_frame_counts(expo
     model = load_ctc_model(model_dir)
     with torch.no_grad():
         _, frames = CTCWithLengths(model)(feats, mask)
-    assert frames.tolist() == output_lengths(lengths, model.config).tolist()
+    assert frames.tolist() == FrameGeometry.of(model.config).output_frames(lengths).tolist()
 
 
 def test_int8_logits_stay_close_to_fp32(exported):
@@ -127,13 +128,13 @@ def test_greedy_transcripts_identical_torch_and_onnx(tmp_path, prepared_run):
     """evaluate with eval.backend=onnx gives exactly the torch backend's hypotheses on the dev split."""
     from transformers import Wav2Vec2BertProcessor
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.prepared import load_prepared
     from w2vbert_asr.evaluate import evaluate_model
 
     out = Path(prepared_run.output_dir)
     processor = Wav2Vec2BertProcessor.from_pretrained(out / "processor")
     model_dir = _save_tiny_model(tmp_path / "model", processor, seed=1)
-    export_model_dir(model_dir, {**EXPORT_CFG, "quantize": None})
+    export_model_dir(model_dir, compose(["lang=sw", "export.optimize=basic"]).export)
     dev = load_prepared(out, "dev")
     rows = {}
     for backend in ("torch", "onnx"):
@@ -167,7 +168,7 @@ def test_model_card_snippet_runs_with_onnxruntime_alone(tmp_path, exported, monk
     transcript that the model's own tokenizer decodes from the same graph."""
     import huggingface_hub
 
-    from w2vbert_asr.hub import build_card
+    from w2vbert_asr.push import build_card
     from w2vbert_asr.model import ctc_greedy_ids
     from w2vbert_asr.transcribe import load_model
 
@@ -245,7 +246,7 @@ def test_trained_model_int8_cer_within_half_a_point(tmp_path, prepared_run, run_
     import os
     import shutil
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.prepared import load_prepared
     from w2vbert_asr.evaluate import evaluate_model
     from w2vbert_asr.train import train
 
@@ -275,7 +276,7 @@ def test_trained_model_int8_cer_within_half_a_point(tmp_path, prepared_run, run_
 
 def test_push_stages_the_onnx_folder(tmp_path, exported):
     """push (dry run: exactly the folder a real push uploads) carries onnx/ and the card's onnxruntime section."""
-    from w2vbert_asr.hub import push
+    from w2vbert_asr.push import push
 
     model_dir, _ = exported
     result = push(compose(["recipe=demo", f"model_dir={model_dir}", "push.dry_run=true",
@@ -302,3 +303,112 @@ def test_cpu_benchmark_smoke(tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert all(float(c) > 0 for c in cells[4:8])  # RTFx of the four backends
     assert float(cells[-1]) < ATOL  # max |ORT fp32 - torch|
+
+
+# ------------------------------------- integrity: exports written atomically, incomplete or stale ones refused
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "vocab.json",
+                   "special_tokens_map.json", "added_tokens.json")
+
+
+def _error_line(capsys, args: list[str]) -> str:
+    """Run the CLI in this process: it must end with exit status 2 and exactly one `error:` line."""
+    from w2vbert_asr.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert e.value.code == 2 and len(errors) == 1 and "Traceback" not in err, (e.value.code, err[-3000:])
+    return errors[0]
+
+
+def _copy_export(model_dir: Path, dst: Path) -> Path:
+    """A copy of an exported model folder, onnx/ and every file's modification time included."""
+    import shutil
+
+    return Path(shutil.copytree(model_dir, dst, ignore=shutil.ignore_patterns(".*")))
+
+
+def _clip(folder: Path, seconds: float = 2.0) -> Path:
+    wave = (0.1 * np.random.default_rng(5).standard_normal(int(SAMPLING_RATE * seconds))).astype(np.float32)
+    sf.write(folder / "clip.wav", wave, SAMPLING_RATE)
+    return folder / "clip.wav"
+
+
+def test_export_without_processor_files_is_one_error_line(tmp_path, exported, capsys):
+    model_dir, _ = exported
+    bare = _copy_model_files(model_dir, tmp_path / "model")
+    for name in PROCESSOR_FILES:
+        (bare / name).unlink(missing_ok=True)
+    line = _error_line(capsys, ["export", f"model={bare}"])
+    assert "processor" in line and str(bare) in line
+    assert not (bare / ONNX_DIR).exists()
+
+
+def test_truncated_onnx_is_one_error_line_in_transcribe_and_evaluate(tmp_path, exported, capsys, sw_corpus):
+    model_dir, _ = exported
+    copy = _copy_export(model_dir, tmp_path / "model")
+    graph = copy / ONNX_DIR / FP32_FILE
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])  # what a kill -9 mid-write left
+    line = _error_line(capsys, ["transcribe", f"model={copy}", str(_clip(tmp_path)), "transcribe.backend=onnx",
+                                f"transcribe.output_dir={tmp_path / 'out'}"])
+    assert f"w2vbert-asr export model={copy}" in line and "again" in line
+    line = _error_line(capsys, ["evaluate", f"model={copy}", "eval.backend=onnx", f"data.root={sw_corpus}",
+                                "eval.split=dev", f"eval.results_dir={tmp_path / 'eval'}"])
+    assert f"w2vbert-asr export model={copy}" in line and "again" in line
+
+
+def test_stale_or_incomplete_export_is_refused(tmp_path, exported):
+    """Weights replaced after the export are not served: the onnx/ record names what it was made from.
+    A copy of the folder or a touched file (new times, same bytes) still loads."""
+    import os
+
+    from w2vbert_asr.onnx_model import load_onnx_model
+
+    model_dir, _ = exported
+    copy = _copy_export(model_dir, tmp_path / "model")
+    os.utime(copy / "model.safetensors", ns=(1, 1))  # touched: hashed once, the same bytes
+    os.utime(copy / ONNX_DIR / INT8_FILE, ns=(1, 1))
+    assert load_onnx_model(copy, "int8").session is not None
+    retrained = _save_tiny_model(tmp_path / "other", __import__("transformers").Wav2Vec2BertProcessor
+                                 .from_pretrained(model_dir), seed=7)
+    (copy / "model.safetensors").write_bytes((retrained / "model.safetensors").read_bytes())
+    for quantize in (None, "int8"):
+        with pytest.raises(UsageError, match=rf"model.safetensors.*`w2vbert-asr export model={copy}"):
+            load_onnx_model(copy, quantize)
+    fresh = _copy_export(model_dir, tmp_path / "fresh")
+    records = [p for p in (fresh / ONNX_DIR).iterdir() if p.suffix == ".json"]
+    assert len(records) == 1
+    records[0].unlink()  # an export that never finished writing its record
+    with pytest.raises(UsageError, match=rf"incomplete.*`w2vbert-asr export model={fresh}` again"):
+        load_onnx_model(fresh)
+
+
+def test_export_into_a_read_only_model_folder(tmp_path, exported, capsys, monkeypatch):
+    """A model folder that cannot be written (a read-only mount, simulated: we may run as root) is one
+    error line naming export.output_dir; exported there, the onnx backend uses it."""
+    import errno
+    import os
+
+    model_dir, _ = exported
+    (tmp_path / "ro").mkdir()
+    ro = _copy_model_files(model_dir, tmp_path / "ro" / "model")
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        if str(os.path.abspath(path)).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    line = _error_line(capsys, ["export", f"model={ro}", "export.optimize=none"])
+    assert "Read-only file system" in line and "export.output_dir" in line
+    elsewhere = tmp_path / "onnx_elsewhere"
+    from w2vbert_asr.cli import main
+
+    main(["export", f"model={ro}", "export.optimize=none", f"export.output_dir={elsewhere}"])
+    assert (elsewhere / FP32_FILE).is_file() and not (ro / ONNX_DIR).exists()
+    main(["transcribe", f"model={ro}", str(_clip(tmp_path)), "transcribe.backend=onnx",
+          f"export.output_dir={elsewhere}", f"transcribe.output_dir={tmp_path / 'out'}"])
+    assert json.loads((tmp_path / "out" / "clip.json").read_text())["duration"] == pytest.approx(2.0)

@@ -22,24 +22,27 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets.arrow_writer import ArrowWriter
 
 from w2vbert_asr import UsageError, cli
 from w2vbert_asr.cli import LOCKED_FOLDER, compose
-from w2vbert_asr.data import PREPARED, load_prepared, prepare
+from w2vbert_asr.prepared import PREPARED, load_prepared
+from w2vbert_asr.prepare import prepare
 from w2vbert_asr.storage import LOCK_FILE, folder_lock
-from w2vbert_asr.train import FAULT_ENV, train
+from w2vbert_asr.train import train
 
 # -------------------------------------------- kill -9, planted pickles, a full disk in training
+FAULTS = Path(__file__).with_name("faults.py")
 # 4 steps, a checkpoint every 2, only the newest kept (+ the best, which ties at the start keep at step 2).
 COMMON = ["train.max_steps=4", "train.eval_steps=2", "train.warmup_steps=2", "train.max_batch_seconds=30",
           "train.save_total_limit=1", "data.test_split=null"]
 
 
 def _clone_prepared(src_cfg, dst: Path) -> None:
-    """Reuse the session's prepared data (decoding MP3 again would only cost time)."""
+    """Reuse the prepared data of the `prepared_run` fixture (decoding MP3 again would only cost time)."""
     src = Path(src_cfg.output_dir)
     shutil.copytree(src / PREPARED, dst / PREPARED)
     shutil.copytree(src / "processor", dst / "processor")
@@ -62,12 +65,10 @@ def _copy_run(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _cli_train(out: Path, run_overrides, corpus, *extra: str, fault: str | None = None):
-    cmd = [sys.executable, "-m", "w2vbert_asr.cli", "train", *run_overrides(out, corpus, *COMMON, *extra)]
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    env["OMP_NUM_THREADS"] = "1"  # the same arithmetic in every run
-    if fault:
-        env[FAULT_ENV] = fault
+def _train_with_faults(out: Path, run_overrides, corpus, fault: str, *extra: str):
+    """train() in a real process with `fault` injected at the loop's hook points (tests/faults.py)."""
+    cmd = [sys.executable, str(FAULTS), fault, *run_overrides(out, corpus, *COMMON, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every run
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -92,7 +93,7 @@ def reference(tmp_path_factory, run_overrides, prepared_run, sw_corpus) -> bytes
 
 def _kill_and_resume(tmp_path, capsys, run_overrides, prepared_run, sw_corpus, fault: str) -> tuple[str, Path]:
     _clone_prepared(prepared_run, tmp_path)
-    killed = _cli_train(tmp_path, run_overrides, sw_corpus, fault=fault)  # a real process, really killed
+    killed = _train_with_faults(tmp_path, run_overrides, sw_corpus, fault)  # a real process, really killed
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]  # SIGKILL, as kill -9
     left = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     capsys.readouterr()
@@ -100,6 +101,7 @@ def _kill_and_resume(tmp_path, capsys, run_overrides, prepared_run, sw_corpus, f
     return capsys.readouterr().out, left
 
 
+@pytest.mark.slow
 def test_kill_between_checkpoints_resumes_byte_identical(tmp_path, capsys, reference, run_overrides, prepared_run,
                                                          sw_corpus):
     out, left = _kill_and_resume(tmp_path, capsys, run_overrides, prepared_run, sw_corpus, "kill@step:3")
@@ -121,7 +123,7 @@ def test_kill_during_checkpoint_write_resumes_byte_identical(tmp_path, capsys, r
 @pytest.mark.slow
 def test_kill_during_export_resumes_byte_identical(tmp_path, capsys, reference, run_overrides, prepared_run,
                                                    sw_corpus):
-    out, left = _kill_and_resume(tmp_path, capsys, run_overrides, prepared_run, sw_corpus, "kill@export")
+    out, left = _kill_and_resume(tmp_path, capsys, run_overrides, prepared_run, sw_corpus, "kill@model")
     assert "step-00000004" in left
     assert "step-00000004 at step 4" in out  # nothing to train: resume goes straight to the export
     assert (tmp_path / "model" / "model.safetensors").read_bytes() == reference
@@ -225,8 +227,7 @@ def _launch_two(out: Path, run_overrides, corpus, *extra: str):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "-m", "w2vbert_asr.cli", "train", *run_overrides(out, corpus, *COMMON, *extra)]
-    env = {k: v for k, v in os.environ.items() if k != FAULT_ENV}
-    env["OMP_NUM_THREADS"] = "1"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -255,7 +256,7 @@ def test_planted_checkpoint_metadata_is_never_executed(tmp_path):
 
     import torch.distributed.checkpoint as dcp
 
-    from w2vbert_asr.train import check_checkpoint_files
+    from w2vbert_asr.checkpoint import check_checkpoint_files
 
     ckpt = tmp_path / "step-00000002"
     state = {"model.w": torch.randn(3, 4), "model.b": torch.zeros(2, dtype=torch.bfloat16), "step": torch.tensor(3)}
@@ -268,13 +269,84 @@ def test_planted_checkpoint_metadata_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
+# -------------------------------------------- kill -9 during export: the onnx backend works or says to export
+# Every point where the export's state on disk changes (tests/faults.py; export.ExportHooks): the three
+# files complete in the staging folder, the old record removed, each of the four files moved into place
+# (fp32, int8 and their external data; the tiny model has none, so two moves), the new record written.
+# A kill inside a file's write leaves the same state as the point after it: a partial file in staging only.
+EXPORT_KILLS = ["exported", "optimized", "quantized", "unpublished", "moved:1", "moved:2", "recorded"]
+QUICK_KILLS = {("quantized", True), ("moved:1", True)}  # the old export whole; a mix of old and new: the rest -m slow
+EXPORT_CASES = [pytest.param(point, previous, id=f"{point}-{'over_an_export' if previous else 'first_export'}",
+                             marks=() if (point, previous) in QUICK_KILLS else pytest.mark.slow)
+                for point in EXPORT_KILLS for previous in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def export_model(tmp_path_factory, prepared_run) -> Path:
+    """A random tiny model folder as `train` writes it, exported once (fp32 and int8) into onnx/."""
+    from transformers import Wav2Vec2BertProcessor
+
+    from w2vbert_asr.export import export_model_dir
+    from w2vbert_asr.model import build_model
+    from w2vbert_asr.text import Normalizer
+
+    folder = tmp_path_factory.mktemp("export_model") / "model"
+    processor = Wav2Vec2BertProcessor.from_pretrained(Path(prepared_run.output_dir) / "processor")
+    torch.manual_seed(0)
+    build_model(prepared_run.model, processor.tokenizer).save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
+    Normalizer().save(folder)
+    export_model_dir(folder, compose(["lang=model", "export.quantize=int8"]).export)
+    return folder
+
+
+def _onnx_transcribe(model_dir: Path, clip: Path, out: Path, capsys) -> str:
+    """`transcribe transcribe.backend=onnx export.quantize=int8` in this process -> "works", or its one line."""
+    capsys.readouterr()
+    try:
+        cli.main(["transcribe", f"model={model_dir}", str(clip), "transcribe.backend=onnx", "export.quantize=int8",
+                  f"transcribe.output_dir={out}"])
+    except SystemExit as e:
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert e.code == 2 and len(errors) == 1 and "Traceback" not in err, err[-3000:]
+        return errors[0]
+    assert (out / f"{clip.stem}.json").is_file()
+    return "works"
+
+
+@pytest.mark.parametrize("point, previous", EXPORT_CASES)
+def test_kill_during_export_then_the_onnx_backend_works_or_says_export_again(point, previous, tmp_path, capsys,
+                                                                               export_model):
+    import soundfile as sf
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(export_model, model_dir, ignore=None if previous else shutil.ignore_patterns("onnx"))
+    killed = subprocess.run([sys.executable, str(FAULTS), "export", f"kill@{point}", "lang=model",
+                             f"model_dir={model_dir}", "export.quantize=int8"], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]  # SIGKILL, as kill -9
+    clip = tmp_path / "clip.wav"
+    sf.write(clip, 0.1 * np.random.default_rng(0).standard_normal(24_000).astype(np.float32), 16_000)
+    outcome = _onnx_transcribe(model_dir, clip, tmp_path / "out", capsys)
+    # Before the old record goes, the old export is whole; after the new one is written, the new one is.
+    loads = point == "recorded" or (previous and point in ("exported", "optimized", "quantized"))
+    if loads:
+        assert outcome == "works"
+    else:
+        assert f"`w2vbert-asr export model={model_dir} export.quantize=int8`" in outcome, outcome
+    cli.main(["export", f"model={model_dir}", "export.quantize=int8"])  # exporting again always mends it
+    assert not (model_dir / "onnx" / ".staging").exists()
+    assert _onnx_transcribe(model_dir, clip, tmp_path / "again", capsys) == "works"
+
+
 # -------------------------------------------------- two runs on one folder: the output-dir lock
 # The CLI with the command's work replaced: it prints "running <pid>" and waits for a line on stdin
 # ("fork": fork a child that keeps the lock, then die without releasing it, as a killed run with a live
 # data loader worker would).
 HOLDING_CLI = """
 import os, sys, time
-import w2vbert_asr.hub
+import w2vbert_asr.push
 
 def hold(cfg):
     print("running", os.getpid(), flush=True)
@@ -286,7 +358,7 @@ def hold(cfg):
         print("child", child, flush=True)
         os._exit(0)
 
-w2vbert_asr.hub.push = hold
+w2vbert_asr.push.push = hold
 from w2vbert_asr.cli import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -382,7 +454,11 @@ def test_each_writing_command_locks_the_folder_it_writes(command, tmp_path, monk
     cfg = compose(["lang=sw", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'corpus'}"])
     folder = {"output_dir": tmp_path / "run", "eval.results_dir": tmp_path / "run",
               "baseline.results_dir": tmp_path / "run" / "baseline", "synth.output_dir": tmp_path / "corpus",
-              "transcribe.output_dir": tmp_path / "run" / "transcripts"}[LOCKED_FOLDER[command]]
+              "transcribe.output_dir": tmp_path / "run" / "transcripts",
+              "export.output_dir": tmp_path / "run" / "model" / "onnx",  # null: <model_dir>/onnx
+              "pseudolabel.output_dir": tmp_path / "run" / "pseudo",
+              "audit.output_dir": tmp_path / "run" / "audit",
+              "bakeoff.output_dir": tmp_path / "run" / "bakeoff"}[LOCKED_FOLDER[command]]
     seen = []
 
     def check(cfg):
@@ -397,6 +473,67 @@ def test_each_writing_command_locks_the_folder_it_writes(command, tmp_path, monk
     assert seen == [command]
     with folder_lock(folder):  # released afterwards
         pass
+
+
+@pytest.mark.parametrize("command, override, folder", [
+    ("export", None, "run/model/onnx"), ("export", "export.output_dir={tmp}/elsewhere", "elsewhere"),
+    ("pseudolabel", None, "run/pseudo"), ("pseudolabel", "self_training.thresholds=[0.5]", "run"),
+])
+def test_export_and_pseudolabel_lock_the_folder_they_write(command, override, folder, tmp_path, monkeypatch):
+    """export locks the folder it writes (<model>/onnx or export.output_dir), not the run around the model;
+    pseudolabel locks pseudolabel.output_dir, and output_dir (where the rounds go) when it runs the rounds."""
+    extra = [override.format(tmp=tmp_path)] if override else []
+    cfg = compose(["lang=sw", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path / 'corpus'}", *extra])
+    folder = tmp_path / folder
+    seen = []
+
+    def check(cfg):
+        with pytest.raises(UsageError, match=re.escape(f"{folder} is in use by pid {os.getpid()} ")):
+            with folder_lock(folder):
+                pass
+        with folder_lock(tmp_path / "run" / ("model" if command == "export" else "other")):  # not locked
+            pass
+        seen.append(command)
+
+    module, func, _ = cli.COMMANDS[command]
+    monkeypatch.setattr(f"w2vbert_asr.{module}.{func}", check)
+    cli.run(command, cfg, "w2vbert-asr " + command)
+    assert seen == [command]
+
+
+def test_self_training_rounds_lock_their_folders(tmp_path, monkeypatch):
+    """Each round's folder is locked while the round labels and trains in it (a `train output_dir=<round>`
+    started meanwhile is refused)."""
+    from w2vbert_asr import pseudolabel
+    from w2vbert_asr import train as train_module
+
+    seen = []
+
+    def locked(folder: Path) -> bool:
+        try:
+            with folder_lock(folder):
+                return False
+        except UsageError:
+            return True
+
+    def fake_train(cfg):
+        out = Path(cfg.output_dir)
+        seen.append((out.name, locked(out)))
+        (out / "model").mkdir(parents=True, exist_ok=True)
+        (out / "prepare_report.json").write_text(json.dumps({"splits": {"train": {"kept": 10}}}))
+        (out / "metrics.json").write_text(json.dumps({"splits": {}}))
+
+    def fake_label(cfg, model_dir, output_dir, threshold, cap=None, lm_dir=None):
+        run = Path(output_dir).parent
+        seen.append((f"label {run.name}", locked(run)))
+        return {"kept": 1, "kept_share": 0.5, "manifest": str(output_dir / "pseudo.tsv")}
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    monkeypatch.setattr(pseudolabel, "label_pool", fake_label)
+    pseudolabel.self_train(compose(["lang=sw", f"output_dir={tmp_path / 'run'}", f"data.root={tmp_path}",
+                                    "self_training.thresholds=[0.5]"]))
+    assert seen == [("round0", True), ("label round1", True), ("round1", True)]
+    assert not locked(tmp_path / "run" / "round1")  # released afterwards
 
 
 def test_a_lock_leaves_nothing_behind(tmp_path):
@@ -457,14 +594,15 @@ def test_edited_release_is_re_prepared_and_says_what_changed(tmp_path, sw_corpus
     assert "train.tsv changed: re-preparing" in capsys.readouterr().out
     assert "habari mpya kabisa" in list(load_prepared(out, "train")["text"])
 
-    # Add rows (the dev rows, appended to train): trained on, not the old rows only.
-    dev_rows = (root / "dev.tsv").read_text().splitlines()[1:]
+    # Add rows (more of the corpus's train rows; dev rows would be refused as held-out clips): trained on,
+    # not the old rows only.
+    new_rows = (sw_corpus / "train.tsv").read_text().splitlines()[len(rows) + 1:len(rows) + 4]
     with open(root / "train.tsv", "a") as f:
-        f.write("\n".join(dev_rows) + "\n")
+        f.write("\n".join(new_rows) + "\n")
     report = prepare(_cfg(out, root))
     assert "train.tsv changed" in capsys.readouterr().out
-    assert report["splits"]["train"]["rows"] == len(rows) + len(dev_rows)
-    assert len(load_prepared(out, "train")) == report["splits"]["train"]["kept"] == len(rows) + len(dev_rows)
+    assert report["splits"]["train"]["rows"] == len(rows) + len(new_rows)
+    assert len(load_prepared(out, "train")) == report["splits"]["train"]["kept"] == len(rows) + len(new_rows)
 
     # An audio file replaced under the same name (new size and mtime): re-prepared, no decoding needed to see it.
     clip = (root / "test.tsv").read_text().splitlines()[1].split("\t")[header.split("\t").index("path")]

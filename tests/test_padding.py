@@ -11,8 +11,9 @@ import torch
 from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertForCTC, Wav2Vec2BertProcessor
 
 from w2vbert_asr.cli import compose
-from w2vbert_asr.features import FRAME_LENGTH, HOP_LENGTH, BatchFeatureExtractor, ctc_output_frames, pad_waves
-from w2vbert_asr.model import architecture_config, attach_padding_hooks, output_lengths
+from w2vbert_asr.features import BatchFeatureExtractor, pad_waves
+from w2vbert_asr.geometry import FRAME_LENGTH, HOP_LENGTH, FrameGeometry
+from w2vbert_asr.model import architecture_config, attach_padding_hooks
 
 # Sample counts with an odd and an even number of fbank frames, 0.5 s to 4 s: the odd ones end in a
 # stacked frame that is half padding.
@@ -42,7 +43,7 @@ def _worst_batched_vs_alone(model) -> float:
     featurizer = BatchFeatureExtractor.from_hf(SeamlessM4TFeatureExtractor())
     waves = _waves()
     batched, lengths = _logits(model, featurizer, waves)
-    valid = output_lengths(lengths, model.config).tolist()
+    valid = FrameGeometry.of(model.config).output_frames(lengths).tolist()
     worst = 0.0
     for i, wave in enumerate(waves):
         alone, _ = _logits(model, featurizer, [wave])
@@ -70,10 +71,10 @@ def test_output_length_counts_the_half_padded_last_frame():
     _, mask = featurizer(*pad_waves([np.zeros(odd, np.float32) + 0.01 * np.arange(odd, dtype=np.float32) % 1]))
     model = _random_tiny()
     mask_rule = int(model._get_feat_extract_output_lengths(mask.sum(-1))[0])
-    assert ctc_output_frames(odd, config) == mask_rule + 1 == 3
+    assert FrameGeometry.of(config).output_frames(odd) == mask_rule + 1 == 3
     even = odd + HOP_LENGTH
-    assert ctc_output_frames(even, config) == 3
-    assert output_lengths(torch.tensor([odd, even]), config).tolist() == [3, 3]
+    assert FrameGeometry.of(config).output_frames(even) == 3
+    assert FrameGeometry.of(config).output_frames(torch.tensor([odd, even])).tolist() == [3, 3]
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,8 @@ def random_model_dir(tmp_path_factory, prepared_run):
 def test_evaluate_hypotheses_equal_pipeline_on_every_clip(random_model_dir, prepared_run):
     from transformers import pipeline
 
-    from w2vbert_asr.data import load_prepared, waves_of
+    from w2vbert_asr.prepared import load_prepared
+    from w2vbert_asr.audio import waves_of
     from w2vbert_asr.evaluate import decode_dataset, greedy_decoder
     from w2vbert_asr.model import load_ctc_model
 

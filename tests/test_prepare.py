@@ -12,7 +12,9 @@ import soundfile as sf
 
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import AudioError, load_audio, load_prepared, prepare, to_float
+from w2vbert_asr.audio import AudioError, load_audio, to_float
+from w2vbert_asr.prepared import load_prepared
+from w2vbert_asr.prepare import prepare
 from w2vbert_asr.testing import make_faulty_release
 
 
@@ -248,9 +250,9 @@ def test_train_merges_several_source_splits(tmp_path, sw_corpus):
 def test_output_and_report_identical_whatever_num_proc(tmp_path, faulty_release, monkeypatch):
     """Parallel decoding changes nothing on disk: same Arrow bytes, same skip counts and examples in order.
     Small chunks put many of them in flight at once, so results come back out of order."""
-    from w2vbert_asr import data
+    from w2vbert_asr import pool
 
-    monkeypatch.setattr(data, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(pool, "CHUNK_ROWS", 2)
     root, _ = faulty_release
     outs = {n: tmp_path / f"np{n}" for n in (1, 2)}
     reports = {n: prepare(_cfg(out, root, "lang=sw", f"data.num_proc={n}")) for n, out in outs.items()}
@@ -260,12 +262,87 @@ def test_output_and_report_identical_whatever_num_proc(tmp_path, faulty_release,
         assert (outs[1] / name).read_bytes() == (outs[2] / name).read_bytes(), name
 
 
-def test_num_proc_auto_uses_the_available_cores():
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_num_proc_auto_follows_the_cores_the_process_may_use():
+    """`auto` counts the cores this process is allowed on (a container's or taskset's CPU set), not the
+    machine's: pinned to one core it decodes in one process. Checked in a child pinned with sched_setaffinity."""
+    import os
+    import subprocess
+    import sys
+
+    from w2vbert_asr.pool import num_processes
+
+    probe = ("import os, sys; from {m} import num_processes as n; os.sched_setaffinity(0, {{int(sys.argv[1])}}); "
+             "print(n('auto'), n(None))").format(m=num_processes.__module__)
+    for cpu in sorted(os.sched_getaffinity(0))[:2]:
+        out = subprocess.run([sys.executable, "-c", probe, str(cpu)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split() == ["1", "1"]
+    assert num_processes(3) == 3
+    for bad in (0, -1, "many"):
+        with pytest.raises(UsageError, match=r"data\.num_proc="):
+            num_processes(bad)
+
+
+# ------------------------------------------------ no dev or test clip in train, whatever the route
+def _held_out_audio(out, splits=("dev", "test")):
+    """Real paths and int16 audio bytes of the prepared held-out splits."""
     import os
 
-    from w2vbert_asr.data import num_processes
+    paths, audio = set(), set()
+    for split in splits:
+        ds = load_prepared(out, split)
+        paths |= {os.path.realpath(p) for p in ds["path"]}
+        audio |= {np.asarray(a).tobytes() for a in ds["audio"]}
+    return paths, audio
 
-    assert num_processes("auto") == len(os.sched_getaffinity(0))
-    assert num_processes(3) == 3
-    with pytest.raises(UsageError, match="num_proc"):
-        num_processes(0)
+
+def test_dev_and_test_clips_never_reach_train(tmp_path, sw_corpus, capsys):
+    """A dev or test clip is refused from train by every route: an absolute path, a `../` path, a symlink,
+    a byte-identical copy under another name; through data.extra_train and through train.tsv itself. Each
+    is counted as held_out_clip; a train transcript that is also a dev one is reported, not dropped."""
+    import os
+
+    root = tmp_path / "cv"
+    rows = _small_release(sw_corpus, root, rows=(30, 3, 3))
+    header = (sw_corpus / "train.tsv").read_text().splitlines()[0].split("\t")
+    lines = (sw_corpus / "train.tsv").read_text().splitlines()
+    spare = [line.split("\t")[header.index("path")] for line in lines[31:33]]  # corpus clips not in the release
+    dev, test, train_text = rows["dev"], rows["test"], rows["train"][0][1]
+    # train.tsv: a copy of a test clip inside clips/, and a new clip whose sentence is a dev sentence.
+    (root / "clips" / "testcopy_tsv.mp3").write_bytes((root / "clips" / test[2][0]).read_bytes())
+    (root / "clips" / spare[0]).symlink_to(sw_corpus / "clips" / spare[0])
+    with open(root / "train.tsv", "a") as f:
+        for path, sentence in (("testcopy_tsv.mp3", train_text), (spare[0], dev[2][1])):
+            f.write("\t".join({"path": path, "sentence": sentence}.get(c, "") for c in header) + "\n")
+    # data.extra_train (pseudo.tsv's columns): four routes to held-out clips, and one clip of its own.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "link_dev.mp3").symlink_to(root / "clips" / dev[0][0])
+    (elsewhere / "testcopy_0.mp3").write_bytes((root / "clips" / test[2][0]).read_bytes())
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    extra = [(str(root / "clips" / test[0][0]), train_text), (f"../cv/clips/{test[1][0]}", train_text),
+             (str(elsewhere / "link_dev.mp3"), train_text), (str(elsewhere / "testcopy_0.mp3"), train_text),
+             (str(sw_corpus / "clips" / dev[1][0]), train_text), (str(sw_corpus / "clips" / spare[1]), train_text)]
+    (manifests / "pseudo.tsv").write_text("path\ttext\n" + "".join(f"{p}\t{t}\n" for p, t in extra))
+    out = tmp_path / "out"
+    report = prepare(_cfg(out, root, "lang=sw", f"data.extra_train=[{manifests / 'pseudo.tsv'}]"))
+    printed = capsys.readouterr().out
+
+    assert report["splits"]["train"]["skipped"] == {"held_out_clip": 1}
+    assert report["splits"]["train"]["kept"] == 31
+    assert report["extra_train"]["skipped"] == {"held_out_clip": 5}
+    assert report["extra_train"]["kept"] == 1
+    details = [e["detail"] for e in report["extra_train"]["examples"]["held_out_clip"]]
+    assert sum(" as test clip " in d for d in details) == 3 and sum(" as dev clip " in d for d in details) == 2
+    assert sum(d.startswith("the same audio as") for d in details) == 1, details  # the copy under another name
+    train = load_prepared(out, "train")
+    assert len(train) == 32
+    paths, audio = _held_out_audio(out)
+    assert not {os.path.realpath(p) for p in train["path"]} & paths
+    assert not {np.asarray(a).tobytes() for a in train["audio"]} & audio
+    shared = report["shared_transcripts"]
+    assert shared["dev"]["rows"] == 1 and "test" not in shared
+    assert shared["dev"]["examples"][0]["id"] == spare[0].rsplit(".", 1)[0]
+    assert "held_out_clip" in printed and "also in dev" in printed

@@ -11,7 +11,8 @@ import torch
 
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import PREPARED, load_prepared, prepare
+from w2vbert_asr.prepared import PREPARED, load_prepared
+from w2vbert_asr.prepare import prepare
 from w2vbert_asr.pseudolabel import POOL, PSEUDO, REPORT, label_pool, pool_rows
 from w2vbert_asr.synth import SPLITS, synthesize_corpus
 
@@ -27,7 +28,7 @@ def _tsv(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def pool_corpus(tmp_path_factory, sw_corpus):
-    """The session's small corpus again (same seed), now with an unlabelled pool in other.tsv."""
+    """The shared test corpus again (same seed), now with an unlabelled pool in other.tsv."""
     root = tmp_path_factory.mktemp("pool_corpus")
     summary = synthesize_corpus(root, "sw", num_clips=SMALL_CORPUS_CLIPS, seed=0, num_unlabelled=POOL_CLIPS)
     assert summary["unlabelled"] == POOL_CLIPS
@@ -131,6 +132,37 @@ def test_pseudolabel_then_train_on_train_plus_labels(tmp_path, pool_corpus, rand
     assert prepare(train_cfg)["extra_train"]["rows"] == 1
 
 
+def test_pool_never_labels_a_dev_or_test_clip(tmp_path, pool_corpus, random_model, run_overrides):
+    """The pool's exclusion compares real paths and audio, not the paths as written: a symlink to a dev clip
+    in a folder pool, byte-identical copies of test clips (in a folder, in a TSV pool), and absolute or `../`
+    paths to held-out clips are never labelled."""
+    import os
+
+    clips = pool_corpus / "clips"
+    dev, test, other = (_tsv(pool_corpus / f"{s}.tsv") for s in ("dev", "test", "other"))
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    (folder / "link_dev.mp3").symlink_to(clips / dev[0]["path"])
+    (folder / "testcopy_0.mp3").write_bytes((clips / test[0]["path"]).read_bytes())
+    (folder / "fresh.mp3").write_bytes((clips / other[0]["path"]).read_bytes())
+    manifest = tmp_path / "manifest"
+    manifest.mkdir()
+    (manifest / "testcopy_1.mp3").write_bytes((clips / test[1]["path"]).read_bytes())
+    paths = ["testcopy_1.mp3", str(clips / test[2]["path"]), os.path.relpath(clips / dev[1]["path"], manifest),
+             str(clips / other[1]["path"])]
+    (manifest / "pool.tsv").write_text("path\n" + "".join(f"{p}\n" for p in paths))
+    for pool, held_out, fresh in ((folder, 2, "fresh.mp3"), (manifest / "pool.tsv", 3, other[1]["path"])):
+        cfg = compose(run_overrides(tmp_path / "run", pool_corpus, f"pseudolabel.pool={pool}",
+                                    "confidence.measure=max_prob"))
+        out = tmp_path / Path(pool).stem
+        report = label_pool(cfg, random_model, out, threshold=0.0)
+        assert report["rows"] == held_out + 1
+        assert report["skipped"].get("in_labelled_split") == held_out, report["skipped"]
+        assert {Path(r["path"]).name for r in _tsv(out / PSEUDO)} <= {fresh}
+        details = " ".join(e["detail"] for e in report["examples"]["in_labelled_split"])
+        assert "dev" in details and "test" in details
+
+
 def test_pool_sources_and_errors(tmp_path, pool_corpus, run_overrides):
     cfg = compose(run_overrides(tmp_path, pool_corpus))
     assert len(list(pool_rows(cfg))) == POOL_CLIPS  # default: other.tsv of data.root
@@ -160,6 +192,18 @@ def test_cli_pseudolabel_needs_a_model(tmp_path, capsys):
     assert e.value.code == 2 and "not a model folder" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("threshold", ["1.1", "-0.5"])
+def test_cli_threshold_outside_0_1_is_one_error_line(tmp_path, capsys, threshold):
+    """At 1.1 the whole pool would be transcribed to keep nothing: refused before anything runs."""
+    from w2vbert_asr.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["pseudolabel", f"model={tmp_path}", f"data.root={tmp_path}", f"pseudolabel.threshold={threshold}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"error: pseudolabel.threshold={threshold}: give a number within [0, 1]"), err
+
+
 def test_self_training_rounds_continue_from_the_last_model(tmp_path, pool_corpus, random_model, run_overrides):
     """The driver: round 0 (here: an existing model) -> an n-gram of the labelled text -> label the pool with
     it -> train round 1 from round 0's weights on train + labels; self_training.json lists both rounds."""
@@ -178,7 +222,12 @@ def test_self_training_rounds_continue_from_the_last_model(tmp_path, pool_corpus
                                 "self_training.max_ratio=0.05", "self_training.lm=true", "train.max_steps=1",
                                 "train.eval_steps=100",
                                 "train.warmup_steps=1"))
+    killed = tmp_path / "round1" / "tensorboard"  # what a round killed mid-training left: its curve
+    killed.mkdir(parents=True)
+    (killed / "events.out.tfevents.1.killed.1.0").write_bytes(b"")
     summary = self_train(cfg)
+    events = sorted(p.name for p in killed.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and "killed" not in events[0], events  # one curve for the round: the rerun's
     labelled = json.loads((base / "prepare_report.json").read_text())["splits"]["train"]["kept"]
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     assert summary["rounds"][1]["pseudo_labels"] == int(0.05 * labelled)  # the cap

@@ -105,6 +105,48 @@ def test_ships_swahili_and_a_non_latin_language():
     assert any(is_non_latin(lang) for lang in langs)
 
 
+@pytest.mark.parametrize("lang", synth.available_languages())
+def test_every_shipped_language_speaks_a_consistent_reproducible_release(lang, tmp_path):
+    """Each shipped word list gives a release whose MP3s decode to 48 kHz mono speech as long as
+    clip_durations.tsv and the summary say, whose TSVs agree with each other and with the word list, whose
+    splits share no speaker, and which the same seed writes again byte for byte."""
+    import itertools
+
+    def release(name):
+        return tmp_path / name, synth.synthesize_corpus(tmp_path / name, lang, num_clips=8, seed=5,
+                                                          split_fractions=(0.5, 0.25, 0.25))
+
+    out, summary = release("a")
+    rows = {s: read_tsv(out / f"{s}.tsv") for s in synth.SPLITS}
+    assert {s: len(r) for s, r in rows.items()} == summary["counts"] and sum(summary["counts"].values()) == 8
+    assert min(summary["counts"].values()) > 0
+    validated = read_tsv(out / "validated.tsv")
+    assert validated == [r for s in synth.SPLITS for r in rows[s]]
+    listed = {d["clip"]: int(d["duration[ms]"]) for d in read_tsv(out / "clip_durations.tsv")}
+    assert set(listed) == {r["path"] for r in validated} == {p.name for p in (out / "clips").iterdir()}
+    words = {w.lower() for w in synth.load_words(lang)[0]}
+    for split in synth.SPLITS:
+        for r in rows[split]:
+            audio, sr = sf.read(out / "clips" / r["path"], dtype="float32")
+            assert sr == synth.CV_SAMPLE_RATE and audio.ndim == 1, r["path"]
+            assert abs(audio.size / sr * 1000 - listed[r["path"]]) < 50, r["path"]  # MP3 frames pad a little
+            assert np.sqrt(np.mean(audio**2)) > 0.01, r["path"]  # speech, not silence
+            spoken = "".join(ch for ch in r["sentence"].lower() if ch.isalpha() or ch.isspace()).split()
+            assert spoken and set(spoken) <= words and r["locale"] == lang, r["sentence"]
+        seconds = sum(listed[r["path"]] for r in rows[split]) / 1000
+        assert summary["split_hours"][split] * 3600 == pytest.approx(seconds, abs=1e-3 * len(rows[split]))
+    speakers = {s: {r["client_id"] for r in rows[s]} for s in synth.SPLITS}
+    assert {s: len(v) for s, v in speakers.items()} == summary["speakers"]
+    assert not any(speakers[a] & speakers[b] for a, b in itertools.combinations(synth.SPLITS, 2))
+
+    again, summary_again = release("b")
+    assert summary_again["counts"] == summary["counts"] and summary_again["hours"] == summary["hours"]
+    for name in [*SPLIT_TSVS, "validated.tsv", "clip_durations.tsv"]:
+        assert (again / name).read_bytes() == (out / name).read_bytes(), name
+    for clip in sorted((out / "clips").iterdir()):
+        assert (again / "clips" / clip.name).read_bytes() == clip.read_bytes(), clip.name
+
+
 @pytest.mark.parametrize("lang", [l for l in synth.available_languages() if is_non_latin(l)])
 def test_non_latin_language_synthesises(lang, tmp_path):
     summary = synth.synthesize_corpus(tmp_path, lang, num_clips=6, seed=0, split_fractions=(1.0, 0.0, 0.0))

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import datasets
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from w2vbert_asr.cli import compose
-from w2vbert_asr.data import PREPARED, to_float
-from w2vbert_asr.train import FAULT_ENV, train
+from w2vbert_asr.prepared import PREPARED
+from w2vbert_asr.audio import to_float
+from w2vbert_asr.train import train
 
 
 
@@ -42,7 +45,7 @@ def test_trains_after_an_accelerator_of_another_precision(tmp_path, run_override
 
 
 def _clone_prepared(src_cfg, dst: Path) -> None:
-    """Reuse the session's prepared data (decoding MP3 again would only cost time)."""
+    """Reuse the prepared data of the `prepared_run` fixture (decoding MP3 again would only cost time)."""
     import shutil
 
     shutil.copytree(Path(src_cfg.output_dir) / PREPARED, dst / PREPARED)
@@ -62,8 +65,9 @@ def _save_init_model(cfg, path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_a_few_clips(tmp_path, run_overrides, sw_corpus):
-    from w2vbert_asr.data import prepare
+    from w2vbert_asr.prepare import prepare
 
     few = ["data.limit=8", "data.eval_split=train", "data.test_split=null"]  # a handful of clips, scored on themselves
     prepare(compose(run_overrides(tmp_path, sw_corpus, *few)))
@@ -145,25 +149,26 @@ def test_nonfinite_loss_batch_is_skipped(tmp_path, run_overrides, prepared_run, 
     os.replace(tmp, train_file)
     result = train(compose(run_overrides(tmp_path, sw_corpus, f"train.max_steps={steps}", "train.eval_steps=100",
                                          "train.max_batch_size=1", "train.max_batch_seconds=30", "seed=42",
-                                         "+push.hub_token=hf_never_written")))
+                                         "push.commit_message=hf_neverwrittenneverwrittenneverwritten")))
     assert result["nonfinite_losses"] == expected
-    assert "hf_never_written" not in (tmp_path / "config.yaml").read_text()  # secrets are redacted
+    assert "neverwritten" not in (tmp_path / "config.yaml").read_text()  # token-shaped values are redacted
     weights = _weights(tmp_path / "model")
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_two_process_accelerate_launch(tmp_path, run_overrides, prepared_run, sw_corpus):
     _clone_prepared(prepared_run, tmp_path)
     # --multi_gpu selects accelerate's torchrun launcher; without GPUs it runs 2 CPU processes over gloo
     # (--cpu alone would start a single process).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "w2vbert_asr.cli", "train",
+           # Step 2's syncing micro-batch (the second of its window) has a NaN loss on rank 1 only: every rank
+           # must drop that window, or each would step on its own un-reduced gradients and the replicas drift.
+           str(Path(__file__).with_name("faults.py")), "nonfinite@2:1:1",
            *run_overrides(tmp_path, sw_corpus, "train.max_steps=4", "train.eval_steps=2", "train.max_batch_seconds=30",
                           "train.gradient_accumulation_steps=2")]
-    # Step 2's syncing micro-batch (the second of its window) has a NaN loss on rank 1 only: every rank
-    # must drop that window, or each would step on its own un-reduced gradients and the replicas drift.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", FAULT_ENV: "nonfinite@2:1:1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "model" / "model.safetensors").is_file()
@@ -208,8 +213,9 @@ EVEN_100, EVEN_60, ODD_81 = 400 + 160 * 99, 400 + 160 * 59, 400 + 160 * 80 + 50
 
 
 def test_compute_loss_counts_every_frame_of_a_clip(tmp_path):
-    from w2vbert_asr.model import output_lengths
-    from w2vbert_asr.train import compute_loss, ctc_loss
+    from w2vbert_asr.geometry import FrameGeometry
+    from w2vbert_asr.train import compute_loss
+    from w2vbert_asr.loss import ctc_loss
 
     model, featurizer = _tiny(tmp_path)
     model.eval()  # no dropout or SpecAugment: the two losses see the same logits
@@ -222,7 +228,7 @@ def test_compute_loss_counts_every_frame_of_a_clip(tmp_path):
     odd = _batch([EVEN_100, ODD_81], vocab)
     feats, mask = featurizer(odd["waves"], odd["lengths"])
     out = model(input_features=feats, attention_mask=mask, labels=odd["labels"])
-    frames = output_lengths(odd["lengths"], model.config)
+    frames = FrameGeometry.of(model.config).output_frames(odd["lengths"])
     masked = model._get_feat_extract_output_lengths(mask.sum(-1))
     assert frames.tolist() == [masked[0].item(), masked[1].item() + 1]  # the odd clip has one frame more
     logits = out.logits.detach().requires_grad_()
@@ -292,23 +298,23 @@ def _kept(root: Path) -> list[str]:
 
 
 def test_prune_keeps_the_newest_and_the_best_with_ties(tmp_path):
-    from w2vbert_asr.train import _latest_checkpoint, _prune
+    from w2vbert_asr.checkpoint import latest_checkpoint, prune
 
     # WER and CER tie at 1.0 early on; a tie keeps the earlier checkpoint as the best (step 20).
     root, best = tmp_path / "checkpoints", 20
     for step in (20, 40, 60):
         _fake_checkpoints(root, [step])
-        _prune(root, keep=1, best_step=best)
-        assert _latest_checkpoint(root).name == f"step-{step:08d}"  # what stop_at_step / a kill resumes from
+        prune(root, keep=1, best_step=best)
+        assert latest_checkpoint(root).name == f"step-{step:08d}"  # what stop_at_step / a kill resumes from
     assert _kept(root) == ["step-00000020", "step-00000060"]  # keep=1 leaves two folders: best + newest
-    _prune(root, keep=1, best_step=60)  # the best is the newest: one folder
+    prune(root, keep=1, best_step=60)  # the best is the newest: one folder
     assert _kept(root) == ["step-00000060"]
     _fake_checkpoints(root, [80, 100, 120])
     (root / "step-00000140.tmp").mkdir()  # a save killed half-way: never trusted, removed on the next prune
     (root / "step-00000160").mkdir()  # no trainer_state.json: not complete, never resumed from
-    _prune(root, keep=2, best_step=60)
+    prune(root, keep=2, best_step=60)
     assert _kept(root) == ["step-00000060", "step-00000100", "step-00000120", "step-00000160"]
-    assert _latest_checkpoint(root).name == "step-00000120"
+    assert latest_checkpoint(root).name == "step-00000120"
 
 
 def test_select_best_exports_an_older_best_checkpoint(tmp_path, monkeypatch, caplog, run_overrides, prepared_run,
@@ -339,3 +345,128 @@ def test_select_best_exports_an_older_best_checkpoint(tmp_path, monkeypatch, cap
     assert any(not torch.equal(best[k], last[k]) for k in best)  # the reload really changed the weights
     state = json.loads((root / "step-00000004" / "trainer_state.json").read_text())
     assert state["best_step"] == 2 and state["scheduler"]["last_epoch"] == 4  # 4 optimizer steps of 2 micro-batches
+
+
+# ------------------------------------------------------------------------------ data loading, epochs, precision
+FEW_STEPS = ["train.eval_steps=100", "train.warmup_steps=1", "data.test_split=null"]  # evaluated once, on dev
+
+
+def test_worker_processes_give_the_in_process_run_also_across_a_resume(tmp_path, run_overrides, prepared_run,
+                                                                       sw_corpus):
+    """train.num_workers=2 (the default; the other tests use 0): two DataLoader processes collate and prefetch
+    ahead of the step. The run finishes with the in-process run's losses and weights, also when stopped
+    mid-epoch and resumed (prefetched batches are not counted as trained) and across an epoch boundary (the
+    demo's caps make 3 batches an epoch): the collator is deterministic and the sampler seeded."""
+    steps = ["train.max_steps=5", *FEW_STEPS]
+    in_process, workers = tmp_path / "in_process", tmp_path / "workers"
+    for d in (in_process, workers):
+        _clone_prepared(prepared_run, d)
+    train(compose(run_overrides(in_process, sw_corpus, *steps)))
+    two = [*steps, "train.num_workers=2"]
+    assert train(compose(run_overrides(workers, sw_corpus, *two, "train.stop_at_step=2"))) == {"steps": 2, "stopped": True}
+    assert train(compose(run_overrides(workers, sw_corpus, *two, "resume=true")))["steps"] == 5
+    losses = _history(workers, "train/loss")
+    assert len(losses) == 5 and losses == _history(in_process, "train/loss")
+    a, b = _weights(in_process / "model"), _weights(workers / "model")
+    mismatched = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not mismatched, mismatched
+
+
+def test_num_epochs_trains_whole_epochs(tmp_path, run_overrides, prepared_run, sw_corpus):
+    """train.num_epochs replaces max_steps: epochs x (batches per epoch) optimizer steps, every clip once per
+    epoch, the sampler moved on to the second epoch and ended on its last batch."""
+    from w2vbert_asr.batching import DurationBatchSampler
+    from w2vbert_asr.prepared import load_prepared
+
+    _clone_prepared(prepared_run, tmp_path)
+    cfg = compose(run_overrides(tmp_path, sw_corpus, "train.num_epochs=2", "train.max_steps=1", *FEW_STEPS))
+    durations = [float(d) for d in load_prepared(tmp_path, "train")["duration"]]
+    per_epoch = len(DurationBatchSampler(durations, cfg.train.max_batch_seconds, cfg.train.max_batch_size))
+    result = train(cfg)
+    assert result["steps"] == 2 * per_epoch and per_epoch > 1
+    state = json.loads((tmp_path / "checkpoints" / f"step-{2 * per_epoch:08d}" / "trainer_state.json").read_text())
+    assert state["sampler"] == {"epoch": 1, "batches_done": per_epoch}
+    assert state["audio_seconds"] == pytest.approx(2 * sum(durations))  # each clip trained on twice
+    # Logged after every step: the epoch counter climbs 1/per_epoch a step, through 1.0 into the second epoch.
+    assert _history(tmp_path, "train/epoch") == pytest.approx([i / per_epoch for i in range(1, 2 * per_epoch + 1)],
+                                                              abs=1e-5)
+
+
+def test_fp16_loss_scale_is_checkpointed_and_restored(tmp_path, monkeypatch, capsys, run_overrides, prepared_run,
+                                                      sw_corpus):
+    """train.mixed_precision=fp16 trains under a GradScaler whose state (the loss scale: halved after an
+    overflow, doubled after 2000 clean steps) is saved in the checkpoint (scaler.pt) and restored on resume.
+
+    accelerate builds that scaler (and fp16 autocast) on CUDA only: on the CPU, fp16 trains as fp32 with no
+    scaler at all. Where accelerate built none, the test hands the Accelerator the torch.amp.GradScaler it
+    would build on CUDA, with the forward left in fp32 (CPU fp16 kernels are too slow for a test): scaling,
+    unscaling before clipping, the overflow check and the checkpoint are then accelerate's own code paths."""
+    from accelerate.utils import AutocastKwargs
+
+    import w2vbert_asr.train as train_module
+
+    real_accelerator = train_module.make_accelerator
+
+    def with_scaler(cfg):
+        accelerator = real_accelerator(cfg)
+        if accelerator.mixed_precision == "fp16" and accelerator.scaler is None:
+            accelerator.scaler, accelerator.native_amp = torch.amp.GradScaler(accelerator.device.type), True
+            accelerator.autocast_handler = AutocastKwargs(enabled=False)
+        return accelerator
+
+    monkeypatch.setattr(train_module, "make_accelerator", with_scaler)
+    _clone_prepared(prepared_run, tmp_path)
+    fp16 = ["train.mixed_precision=fp16", "train.max_steps=4", *FEW_STEPS]
+    assert train(compose(run_overrides(tmp_path, sw_corpus, *fp16, "train.stop_at_step=2")))["stopped"]
+    assert "mixed precision fp16" in capsys.readouterr().out
+    step2 = tmp_path / "checkpoints" / "step-00000002"
+    saved = torch.load(step2 / "scaler.pt", weights_only=True)
+    fresh = torch.amp.GradScaler("cpu").state_dict()  # where a scaler starts: 2**16, no clean step counted
+    assert saved["_growth_tracker"] > 0 or saved["scale"] < fresh["scale"]  # the 2 steps went through it
+    # Plant a loss scale no fresh scaler could reach in 2 steps (it at most halves per step from 2**16).
+    torch.save({**saved, "scale": 4.0}, step2 / "scaler.pt")
+    result = train(compose(run_overrides(tmp_path, sw_corpus, *fp16, "resume=true")))
+    assert result["steps"] == 4
+    resumed = torch.load(tmp_path / "checkpoints" / "step-00000004" / "scaler.pt", weights_only=True)
+    # Carried on from the checkpoint: its scale (no overflow at x4), its clean-step count plus steps 3 and 4.
+    assert (resumed["scale"], resumed["_growth_tracker"]) == (4.0, saved["_growth_tracker"] + 2), resumed
+    losses = _history(tmp_path, "train/loss")
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+    before, after = _weights(step2), _weights(tmp_path / "model")
+    assert all(torch.isfinite(w).all() for w in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the resumed steps updated the weights
+
+
+def test_push_after_train_stages_the_exported_model_with_its_card(tmp_path, run_overrides, prepared_run, sw_corpus):
+    """push.after_train=true with push.dry_run=true: when training ends, the exported model/ is staged for the
+    Hub exactly (nothing from the checkpoints) with a model card whose model-index holds the run's scores."""
+    import yaml
+
+    _clone_prepared(prepared_run, tmp_path)
+    result = train(compose(run_overrides(tmp_path, sw_corpus, "train.max_steps=2", *FEW_STEPS, "push.after_train=true",
+                                         "push.dry_run=true", "push.repo_id=someone/w2v-bert-demo-sw")))
+    pushed = result["push"]
+    assert pushed["repo_id"] == "someone/w2v-bert-demo-sw" and pushed["uploaded"] is False
+    staging, model = Path(pushed["staging_dir"]), tmp_path / "model"
+    assert staging.resolve() == (tmp_path / "push").resolve()  # push.staging_dir's default, in the run folder
+    model_files = sorted(p.name for p in model.iterdir())
+    assert "model.safetensors" in model_files
+    assert sorted(pushed["files"]) == sorted(p.name for p in staging.iterdir()) == sorted([*model_files, "README.md"])
+    for name in model_files:
+        assert (staging / name).read_bytes() == (model / name).read_bytes(), name
+    _, front_matter, body = (staging / "README.md").read_text(encoding="utf-8").split("---\n", 2)
+    card = yaml.safe_load(front_matter)
+    scores = {(r["dataset"]["split"], m["type"]): m["value"] for r in card["model-index"][0]["results"]
+              for m in r["metrics"]}
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["splits"]
+    assert scores == {(split, k): round(100 * m[k], 2) for split, m in metrics.items() for k in ("wer", "cer")}
+    assert "w2v-bert-demo-sw" in body
+
+
+def test_push_after_train_without_a_repo_id_is_refused_before_training(tmp_path, run_overrides, sw_corpus):
+    from w2vbert_asr import UsageError
+
+    run = tmp_path / "run"
+    with pytest.raises(UsageError, match=r"^push\.after_train=true needs push\.repo_id=<user/name>$"):
+        train(compose(run_overrides(run, sw_corpus, "push.after_train=true")))
+    assert not run.exists()  # refused at once: nothing prepared, trained or written

@@ -6,7 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from w2vbert_asr import UsageError
-from w2vbert_asr import train as train_mod
+from w2vbert_asr import devices, optim
 
 
 def _tcfg(**kw):
@@ -18,37 +18,55 @@ def _tcfg(**kw):
     return tcfg
 
 
-def test_adamw_impl_switch_builds_that_optimizer_and_refuses_others():
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    assert _tcfg().adamw_impl == "fused"  # the measured default
-    for impl, flag in (("fused", "fused"), ("foreach", "foreach")):
-        opt = train_mod._optimizer(model, _tcfg(adamw_impl=impl))
-        assert opt.defaults[flag] is True
-    loop = train_mod._optimizer(model, _tcfg(adamw_impl="for_loop"))
-    assert loop.defaults["foreach"] is False and not loop.defaults["fused"]
-    # Weight decay only on the matrices; every implementation takes a step.
-    groups = train_mod._optimizer(model, _tcfg()).param_groups
-    assert [len(g["params"]) for g in groups] == [1, 3] and groups[1]["weight_decay"] == 0.0
-    for impl in ("fused", "foreach", "for_loop"):
-        m = torch.nn.Linear(4, 3)
-        before = m.weight.detach().clone()
-        opt = train_mod._optimizer(m, _tcfg(adamw_impl=impl))
-        m(torch.ones(2, 4)).sum().backward()
+def _adamw_run(impl: str, steps: int = 5, grad_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """A small model (matrices, biases, a norm) after `steps` AdamW steps of train.adamw_impl=impl on fixed data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    opt = optim.make_optimizer(model, _tcfg(adamw_impl=impl, learning_rate=1e-2, weight_decay=0.1))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(8, 6, generator=g), torch.randn(8, 3, generator=g)
+        (grad_scale * torch.nn.functional.mse_loss(model(x), y)).backward()
         opt.step()
-        assert not torch.equal(before, m.weight)
-    with pytest.raises(UsageError, match="adamw_impl"):
-        train_mod._optimizer(model, _tcfg(adamw_impl="adam8bit"))
+        opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_the_three_adamw_implementations_give_the_same_update():
+    """fused, foreach and for_loop are one algorithm: the same weights after several steps up to float32
+    rounding, and each really trains (the weights move)."""
+    start = {k: v.clone() for k, v in _adamw_run("for_loop", steps=0).items()}
+    runs = {impl: _adamw_run(impl) for impl in ("fused", "foreach", "for_loop")}
+    for impl, weights in runs.items():
+        assert all(not torch.equal(weights[k], start[k]) for k in start), impl
+        for k in start:
+            torch.testing.assert_close(weights[k], runs["for_loop"][k], rtol=1e-5, atol=1e-6, msg=f"{impl} {k}")
+
+
+def test_weight_decay_shrinks_matrices_only():
+    """With zero gradients AdamW's only move is the decoupled weight decay: matrices shrink by lr x decay,
+    biases and norm parameters (decaying them only hurts) stay put."""
+    start = _adamw_run("fused", steps=0)
+    decayed = _adamw_run("fused", steps=1, grad_scale=0.0)
+    for k, w in start.items():
+        expected = w * (1 - 1e-2 * 0.1) if w.ndim >= 2 else w
+        torch.testing.assert_close(decayed[k], expected, rtol=0, atol=1e-7, msg=k)
+
+
+def test_unknown_adamw_impl_is_a_usage_error():
+    with pytest.raises(UsageError, match="adamw_impl='adam8bit'"):
+        optim.make_optimizer(torch.nn.Linear(2, 2), _tcfg(adamw_impl="adam8bit"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU branch of mixed_precision")
 def test_mixed_precision_on_cpu(monkeypatch, caplog):
-    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: True)
-    assert train_mod._mixed_precision("auto") == "bf16"  # measured: 1.6x the reference at the same CER
-    assert train_mod._mixed_precision("no") == "no"
-    assert train_mod._mixed_precision("bf16") == "bf16" and "emulated" not in caplog.text
-    monkeypatch.setattr(train_mod, "cpu_native_bf16", lambda: False)
-    assert train_mod._mixed_precision("auto") == "no"  # emulated bf16 is slower than fp32
-    assert train_mod._mixed_precision("bf16") == "bf16"  # as asked, with a warning
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: True)
+    assert devices.resolve_mixed_precision("auto") == "bf16"
+    assert devices.resolve_mixed_precision("no") == "no"
+    assert devices.resolve_mixed_precision("bf16") == "bf16" and "emulated" not in caplog.text
+    monkeypatch.setattr(devices, "cpu_native_bf16", lambda: False)
+    assert devices.resolve_mixed_precision("auto") == "no"  # emulated bf16 is slower than fp32
+    assert devices.resolve_mixed_precision("bf16") == "bf16"  # as asked, with a warning
     assert "emulated" in caplog.text
 
 

@@ -22,20 +22,11 @@ from transformers import Wav2Vec2BertConfig
 
 from w2vbert_asr import UsageError
 from w2vbert_asr.cli import compose
-from w2vbert_asr.features import ctc_output_frames, samples_per_frame
-from w2vbert_asr.transcribe import (
-    FAILED_FILE,
-    Transcriber,
-    Word,
-    find_audio,
-    iter_chunks,
-    plan_chunks,
-    read_blocks,
-    srt_time,
-    subtitle_cues,
-    to_srt,
-    transcribe,
-)
+from w2vbert_asr.geometry import FrameGeometry
+from w2vbert_asr.transcribe import FAILED_FILE, find_audio, transcribe, Transcriber, Word
+from w2vbert_asr.chunking import iter_chunks, plan_chunks
+from w2vbert_asr.audio import read_blocks
+from w2vbert_asr.subtitles import srt_time, subtitle_cues, to_srt
 
 SR = 16_000
 FRAME = 640  # samples per output frame of a W2v-BERT 2.0 model with one stride-2 adapter layer
@@ -207,9 +198,9 @@ def test_streamed_chunks_equal_the_plan_and_read_lazily(chunk_s, overlap_s):
 
 
 def test_samples_per_frame_follows_the_adapter():
-    assert samples_per_frame(Wav2Vec2BertConfig(add_adapter=True, num_adapter_layers=1, adapter_stride=2)) == 640
-    assert samples_per_frame(Wav2Vec2BertConfig(add_adapter=True, num_adapter_layers=2, adapter_stride=2)) == 1280
-    assert samples_per_frame(Wav2Vec2BertConfig(add_adapter=False)) == 320
+    assert FrameGeometry.of(Wav2Vec2BertConfig(add_adapter=True, num_adapter_layers=1, adapter_stride=2)).samples_per_frame == 640
+    assert FrameGeometry.of(Wav2Vec2BertConfig(add_adapter=True, num_adapter_layers=2, adapter_stride=2)).samples_per_frame == 1280
+    assert FrameGeometry.of(Wav2Vec2BertConfig(add_adapter=False)).samples_per_frame == 320
 
 
 # --------------------------------------------------------------------------------------------- timing
@@ -248,7 +239,7 @@ def test_batch_of_files_keeps_order_and_offsets(processor, tone_model):
 
 def test_lm_beam_search_keeps_word_times(tmp_path, processor, tone_model, long_tone_clip):
     """The n-gram path (pyctcdecode word frames) gives the same words and times as greedy."""
-    from w2vbert_asr.lm import build_lm, load_decoder
+    from w2vbert_asr.lm import beam_search, build_lm
 
     wave, truth = long_tone_clip
     k = max(i for i, t in enumerate(truth) if t[2] < 40.0)
@@ -257,9 +248,9 @@ def test_lm_beam_search_keeps_word_times(tmp_path, processor, tone_model, long_t
     (tmp_path / "text.txt").write_text("ab ba a\nb aba bab ab\nba ab bab\n")
     cfg = compose(["recipe=demo", f"output_dir={tmp_path}", f"lm.text={tmp_path / 'text.txt'}"])
     build_lm(cfg)
-    decoder = load_decoder(processor.tokenizer, cfg.lm.output_dir)
+    search = beam_search(processor.tokenizer, cfg.lm.output_dir, beam_width=16)
     [result] = Transcriber(tone_model, processor, "cpu", chunk_seconds=10.0, overlap_seconds=2.0,
-                           lm_decoder=decoder, beam_width=16).transcribe([wave])
+                           beam_search=search).transcribe([wave])
     assert result.decoding == "beam+lm"
     assert_words_match(result.words, truth)
 
@@ -396,7 +387,7 @@ def test_real_model_stitched_frames_match_the_audio_length(tiny_model_dir, speec
     t = Transcriber(model, processor, "cpu", chunk_seconds=8.0, overlap_seconds=3.0, batch_size=8)
     [(_, logits, n)] = list(t.stream_logits([("clip", wave)]))
     assert n == len(wave)
-    assert abs(logits.shape[0] - ctc_output_frames(len(wave), model.config)) <= 1
+    assert abs(logits.shape[0] - FrameGeometry.of(model.config).output_frames(len(wave))) <= 1
     assert logits.shape[1] == model.config.vocab_size
 
 
@@ -446,7 +437,7 @@ def test_read_blocks_equal_the_whole_file_decode(tmp_path, speech_clip):
     the samples load_audio gives for the whole file, for every format and rate (MP3: to float rounding)."""
     import soxr
 
-    from w2vbert_asr.data import load_audio
+    from w2vbert_asr.audio import load_audio
 
     d, wave, _ = speech_clip
     sf.write(tmp_path / "clip.mp3", soxr.resample(wave, SR, 48_000), 48_000)
@@ -466,7 +457,7 @@ def test_long_file_streamed_equals_whole_file(tmp_path, tiny_model_dir, speech_c
     decoded wave in memory (the path transcribe took before it streamed)."""
     import soxr
 
-    from w2vbert_asr.data import load_audio
+    from w2vbert_asr.audio import load_audio
     from w2vbert_asr.transcribe import load_model
 
     _, wave, _ = speech_clip

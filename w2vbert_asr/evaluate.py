@@ -25,12 +25,14 @@ import jiwer
 import torch
 from omegaconf import DictConfig
 
-from . import UsageError
 from .confidence import Confidence, Hypothesis, greedy_hypothesis
 from .batching import DurationBatchSampler
-from .data import waves_of
-from .features import BatchFeatureExtractor, pad_waves
-from .model import ctc_greedy_ids, load_ctc_model, output_lengths, pick_device
+from .audio import waves_of
+from .devices import device_name, pick_device
+from .families import family_of_model, load_processor
+from .features import pad_waves
+from .geometry import FrameGeometry
+from .model import check_model_dir, ctc_greedy_ids, load_ctc_model
 from .onnx_model import check_backend, load_onnx_model
 from .storage import atomic_write_json, atomic_write_text
 from .text import Normalizer
@@ -41,12 +43,12 @@ PREDICTIONS = "predictions"
 
 
 def error_rates(references: Sequence[str], hypotheses: Sequence[str]) -> dict:
-    """Corpus WER/CER (errors over reference words/characters, as jiwer computes them)."""
-    refs = [r for r in references]
-    if not refs:
-        return {"wer": float("nan"), "cer": float("nan")}
+    """Corpus WER/CER (errors over reference words/characters, as jiwer computes them). Utterances with an
+    empty reference are left out; with no reference word at all the rates are undefined: NaN."""
     # jiwer refuses empty references; prepare never keeps one, but guard for external data.
-    pairs = [(r, h) for r, h in zip(refs, hypotheses) if r.strip()]
+    pairs = [(r, h) for r, h in zip(references, hypotheses) if r.strip()]
+    if not pairs:
+        return {"wer": float("nan"), "cer": float("nan")}
     r, h = zip(*pairs)
     return {"wer": jiwer.wer(list(r), list(h)), "cer": jiwer.cer(list(r), list(h))}
 
@@ -58,7 +60,7 @@ def utterance_rates(reference: str, hypothesis: str) -> dict:
 
 
 @torch.no_grad()
-def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
+def decode_dataset(model, dataset, featurizer, decode: Callable[[torch.Tensor, torch.Tensor], list[str]],
                    device, max_batch_seconds: float, max_batch_size: int, accelerator=None) -> tuple[list[str], float]:
     """Transcribe a prepared split. -> (hypotheses in dataset order, wall seconds).
 
@@ -82,9 +84,8 @@ def decode_dataset(model, dataset, featurizer: BatchFeatureExtractor, decode: Ca
     for b in mine:
         idx = padded[b]
         waves, lengths = pad_waves(waves_of(dataset[idx]["audio"]))  # one Arrow read per batch; int16 -> float32
-        feats, mask = featurizer(waves.to(device), lengths.to(device))
-        logits = model(input_features=feats, attention_mask=mask).logits
-        out_lengths = output_lengths(lengths, _unwrap(model).config)
+        logits = model(**featurizer.model_inputs(waves.to(device), lengths.to(device))).logits
+        out_lengths = FrameGeometry.of(_unwrap(model).config).output_frames(lengths)
         if b < len(batches):
             results += list(zip(idx, decode(logits.float(), out_lengths)))
     if device.type == "cuda":
@@ -151,29 +152,31 @@ def write_results(results_dir: str | Path, split: str, metrics: dict, rows: list
 
 def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, results_dir: str | Path,
                    lm_dir: str | Path | None = None) -> dict:
-    """Score a saved model dir on prepared splits ({name: Dataset}) and write metrics.json + predictions."""
-    from transformers import Wav2Vec2BertProcessor
+    """Score a saved model dir (any family) on prepared splits ({name: Dataset}) and write metrics.json +
+    predictions."""
+    from .waveform import featurizer_for
 
-    model_dir = _require_model_dir(model_dir)
-    device = pick_device("auto")
-    processor = Wav2Vec2BertProcessor.from_pretrained(model_dir)
-    backend = check_backend(cfg.eval.get("backend"))
+    model_dir = check_model_dir(model_dir, "evaluate")
+    device = pick_device(cfg.eval.device)
+    family = family_of_model(model_dir)
+    processor = load_processor(model_dir, family)
+    backend = check_backend(cfg.eval.backend)
     if backend == "onnx":
-        model = load_onnx_model(model_dir, (cfg.get("export") or {}).get("quantize"))
+        model = load_onnx_model(model_dir, cfg.eval.quantize, output_dir=cfg.export.output_dir)
         n_params = model.num_parameters()
     else:
-        model = load_ctc_model(model_dir, device)
+        model = load_ctc_model(model_dir, device, family)
         n_params = sum(p.numel() for p in model.parameters())
     normalizer = Normalizer.load(model_dir)
-    featurizer = BatchFeatureExtractor.from_hf(processor.feature_extractor).to(device)
-    confidence = Confidence.from_config(cfg.get("confidence"))
+    featurizer = featurizer_for(processor.feature_extractor).to(device)
+    confidence = Confidence.from_config(cfg.confidence)
     decoders = {"": greedy_decoder(processor.tokenizer, confidence)}
     if lm_dir:
         from .lm import beam_decoder
 
         decoders["lm"] = beam_decoder(processor.tokenizer, lm_dir, confidence=confidence)
-    header = {"system": "w2v-bert-2.0-ctc", "model": str(model_dir), "parameters": n_params,
-              "device": _device_name(device) if backend == "torch" else f"cpu (onnxruntime, {model.path.name})",
+    header = {"system": family.system, "model": str(model_dir), "parameters": n_params, "license": family.license,
+              "device": device_name(device) if backend == "torch" else f"cpu (onnxruntime, {model.path.name})",
               "max_batch_seconds": cfg.eval.max_batch_seconds, "max_batch_size": cfg.eval.max_batch_size}
     summary = {}
     for split, ds in datasets.items():
@@ -191,12 +194,6 @@ def evaluate_model(model_dir: str | Path, cfg: DictConfig, datasets: dict, resul
     return summary
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
 def print_table(summary: dict) -> None:
     print(f"{'split':<14}{'WER %':>8}{'CER %':>8}{'utts':>7}{'hours':>8}{'RTFx':>9}")
     for name, m in summary.items():
@@ -207,15 +204,13 @@ def print_table(summary: dict) -> None:
 def evaluate(cfg: DictConfig) -> dict:
     """`w2vbert-asr evaluate`: read the split from the configured source with the model's own normaliser
     (skipped rows are reported like in prepare), then score it."""
-    from .data import prepare_eval_split
+    from transformers import AutoConfig
 
-    normalizer = Normalizer.load(_require_model_dir(cfg.model_dir))
-    ds = prepare_eval_split(cfg, cfg.eval.split, normalizer, Path(cfg.eval.results_dir))
-    return evaluate_model(cfg.model_dir, cfg, {cfg.eval.split: ds}, cfg.eval.results_dir, cfg.eval.get("lm"))
+    from .prepare import prepare_eval_split
+    from .rows import Rules
 
-
-def _require_model_dir(model_dir) -> Path:
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} is not a model folder (no config.json); train first or pass model=<dir>")
-    return model_dir
+    model_dir = check_model_dir(cfg.model_dir, "evaluate")
+    normalizer = Normalizer.load(model_dir)
+    rules = Rules.from_config(cfg, normalizer, FrameGeometry.of(AutoConfig.from_pretrained(model_dir)))
+    ds = prepare_eval_split(cfg, cfg.eval.split, normalizer, Path(cfg.eval.results_dir), rules)
+    return evaluate_model(model_dir, cfg, {cfg.eval.split: ds}, cfg.eval.results_dir, cfg.eval.lm)

@@ -5,13 +5,15 @@ Usage:
     w2vbert-asr export model=demo_out/model export.quantize=int8     # also onnx/model.int8.onnx
     w2vbert-asr transcribe model=demo_out/model transcribe.backend=onnx export.quantize=int8 talk.wav
     w2vbert-asr evaluate model=demo_out/model eval.backend=onnx
+    w2vbert-asr export model=/ro/model export.output_dir=onnx_sw   # a model folder we cannot write into:
+    w2vbert-asr transcribe model=/ro/model transcribe.backend=onnx export.output_dir=onnx_sw talk.wav
 
 The graph takes our log-mel features and their mask and returns the logits and each clip's CTC frame
 count, so any onnxruntime program can decode a batch without this package:
     input_features  (B, T, 160) float32    BatchFeatureExtractor / Wav2Vec2BertProcessor output
     attention_mask  (B, T) int64
     logits          (B, T', V) float32
-    output_lengths  (B,) int64             = features.ctc_output_frames(samples) of each clip
+    output_lengths  (B,) int64             = FrameGeometry.output_frames(samples) of each clip
 Batch and time are dynamic axes. Weights go to external data (`model.onnx.data`) when the graph would
 pass protobuf's 2 GB limit (the 600M model). The padding hooks (model.attach_padding_hooks) are traced
 into the graph, so a padded batch gives the logits that torch gives.
@@ -23,21 +25,29 @@ then onnxruntime's offline graph optimisation (export.optimize: constant folding
 written back as the model file; then, with export.quantize=int8, onnxruntime's dynamic quantisation
 (int8 weights, activations quantised per batch at run time) of the operators in export.int8.op_types.
 What was measured for each choice: benchmarks/README.md.
+
+Integrity: every file is written in a staging folder inside the export folder and moved into place when
+all are complete; `export.json` (RECORD), written last, holds each file's size and hash, what the export
+was made from (config.json and the weights, by size, time and hash) and the export settings. The onnx
+backend (onnx_model.load_onnx_model) refuses a folder whose record is missing, whose files differ from it
+(a kill mid-export, a truncated copy) or whose model files changed since, naming the export command; so
+after a kill -9 at any point the next load either works or says to export again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from . import UsageError
-from .features import FEATURE_STRIDE
-from .model import use_fast_relative_key_bias
+from .geometry import FrameGeometry
+from .model import check_model_dir, use_fast_relative_key_bias
+from .storage import atomic_write_json, disk_full_guard, file_stamp, fresh_dir, remove_paths
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +58,50 @@ INPUT_NAMES = ("input_features", "attention_mask")
 OUTPUT_NAMES = ("logits", "output_lengths")
 PROTOBUF_LIMIT = 2 * 10**9 - 2**20  # bytes: protobuf refuses messages of 2 GiB; leave room for the graph
 QUANTIZE_CHOICES = (None, "none", "int8")
+RECORD = "export.json"  # written last: what the export holds and was made from
+STAGING = ".staging"  # inside the export folder, so that it is on the same file system and under its lock
+# Every file an export may write; a new export removes the ones it does not write (an older int8 file).
+EXPORT_FILES = (FP32_FILE, FP32_FILE + ".data", INT8_FILE, INT8_FILE + ".data")
 
 
-def onnx_file(model_dir: str | Path, quantize: str | None = None) -> Path:
+def onnx_dir(model_dir: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Where the export of `model_dir` lives: `export.output_dir` when set, else <model_dir>/onnx."""
+    return Path(output_dir) if output_dir else Path(model_dir) / ONNX_DIR
+
+
+def onnx_file(model_dir: str | Path, quantize: str | None = None, output_dir: str | Path | None = None) -> Path:
     """The ONNX file of a model folder for `export.quantize` (none/null: fp32, int8: the int8 file)."""
     if quantize not in QUANTIZE_CHOICES:
         raise UsageError(f"export.quantize={quantize!r}: choose null (fp32) or int8")
-    return Path(model_dir) / ONNX_DIR / (INT8_FILE if quantize == "int8" else FP32_FILE)
+    return onnx_dir(model_dir, output_dir) / (INT8_FILE if quantize == "int8" else FP32_FILE)
+
+
+def export_command(model_dir: str | Path, folder: str | Path, quantize: str | None = None) -> str:
+    """The command that writes the export `folder` of `model_dir`, for messages."""
+    elsewhere = Path(folder) != Path(model_dir) / ONNX_DIR
+    return (f"w2vbert-asr export model={model_dir}" + (f" export.output_dir={folder}" if elsewhere else "")
+            + (" export.quantize=int8" if quantize == "int8" else ""))
+
+
+def model_files(model_dir: str | Path) -> list[str]:
+    """The files of a model folder an export is made from: config.json and the weights."""
+    return ["config.json", *sorted(p.name for p in Path(model_dir).glob("*.safetensors"))]
+
+
+class ExportHooks:
+    """Points of `export_model_dir` where tests inject faults (tests/faults.py kills the process there):
+    "exported", "optimized", "quantized" (each file complete in the staging folder), "unpublished" (the old
+    record removed), "moved" (after each file moved into place), "recorded". The defaults do nothing."""
+
+    def reached(self, point: str) -> None:
+        pass
 
 
 # --------------------------------------------------------------------------------------------- graph
 class CTCWithLengths(torch.nn.Module):
     """(input_features (B, T, 160), attention_mask (B, T)) -> (logits (B, T', V), output_lengths (B,)).
 
-    output_lengths is `features.ctc_output_frames` of each clip, computed from what the graph sees: the
+    output_lengths is `FrameGeometry.output_frames` of each clip, computed from what the graph sees: the
     extractor's mask marks a stacked frame valid when its second fbank frame is real, so a clip with an
     odd fbank count has one more stacked frame, half real, half `padding_value`. That frame follows the
     last masked one; it counts when its first fbank frame (the first 80 values) is not all padding.
@@ -72,20 +112,19 @@ class CTCWithLengths(torch.nn.Module):
         super().__init__()
         self.model = model
         self.padding_value = float(padding_value)
-        cfg = model.config
-        self.adapter = [(int(cfg.adapter_kernel_size), int(cfg.adapter_stride))] * int(cfg.num_adapter_layers) \
-            if getattr(cfg, "add_adapter", False) else []
+        self.geometry = FrameGeometry.of(model.config)
 
     def forward(self, input_features: torch.Tensor, attention_mask: torch.Tensor):
         logits = self.model(input_features=input_features, attention_mask=attention_mask).logits
         masked = attention_mask.sum(-1)  # (B,) stacked frames whose second fbank frame is real
         steps = input_features.shape[1]
-        bins = input_features.shape[2] // FEATURE_STRIDE
+        bins = input_features.shape[2] // self.geometry.stack
         nxt = masked.clamp(max=steps - 1)  # the frame after the masked ones (clamped: gather needs an index)
         first = torch.gather(input_features[:, :, :bins], 1, nxt[:, None, None].expand(-1, 1, bins))  # (B, 1, 80)
         half = (first != self.padding_value).any(-1).squeeze(1) & (masked < steps)
         frames = masked + half.to(masked.dtype)
-        for kernel, stride in self.adapter:
+        kernel, stride = self.geometry.adapter_kernel, self.geometry.adapter_stride
+        for _ in range(self.geometry.adapter_layers):
             # floor((n + 2 * (stride // 2) - kernel) / stride) + 1, kept non-negative so that ONNX's
             # truncating integer division equals floor division.
             frames = torch.div((frames + 2 * (stride // 2) - kernel + stride).clamp(min=0), stride,
@@ -150,32 +189,44 @@ def _dummy_inputs(padding_value: float, bins2: int = 160) -> tuple[torch.Tensor,
     return feats, mask
 
 
+def _graph(model, padding_value: float) -> tuple[torch.nn.Module, tuple, tuple[str, ...], dict]:
+    """-> (module to trace, inputs to trace with, input names, dynamic axes) of a CTC model's family: W2v-BERT's
+    features and mask (CTCWithLengths), or omniASR's samples and mask (omniasr.OnnxGraph)."""
+    if model.config.model_type == "omniasr_ctc":
+        from .omniasr import OnnxGraph
+
+        return OnnxGraph(model).eval(), OnnxGraph.dummy_inputs(), OnnxGraph.input_names, OnnxGraph.dynamic_axes
+    axes = {"input_features": {0: "batch", 1: "time"}, "attention_mask": {0: "batch", 1: "time"},
+            "logits": {0: "batch", 1: "frames"}, "output_lengths": {0: "batch"}}
+    return (CTCWithLengths(model, padding_value).eval(),
+            _dummy_inputs(padding_value, int(model.config.feature_projection_input_dim)), INPUT_NAMES, axes)
+
+
 def export_onnx(model, path: str | Path, padding_value: float = 0.0, opset: int = 17, dynamo: bool = False) -> Path:
-    """Write `model` (a Wav2Vec2BertForCTC with padding hooks, eval mode) as ONNX at `path`, with dynamic batch
-    and time axes; weights in `<name>.data` next to it when the graph would exceed 2 GB. -> path."""
+    """Write `model` (a Wav2Vec2BertForCTC with padding hooks, or an OmniASRForCTC; eval mode) as ONNX at `path`,
+    with dynamic batch and time axes; weights in `<name>.data` next to it when the graph would exceed 2 GB.
+    -> path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in (path, path.with_name(path.name + ".data")):
         old.unlink(missing_ok=True)
-    wrapper = CTCWithLengths(model.eval(), padding_value).eval()
-    args = _dummy_inputs(padding_value, int(model.config.feature_projection_input_dim))
+    wrapper, args, input_names, axes = _graph(model.eval(), padding_value)
     n_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     external = n_bytes > PROTOBUF_LIMIT
     with torch.no_grad(), export_rewrites(model):
         if dynamo:
-            batch, time_ = torch.export.Dim("batch"), torch.export.Dim("time")
+            dims = {"batch": torch.export.Dim("batch"), "time": torch.export.Dim("time")}
+            shapes = tuple({i: dims["batch" if name == "batch" else "time"] for i, name in axes[n].items()}
+                           for n in input_names)
             onnx_program = torch.onnx.export(
-                wrapper, args, dynamo=True, input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
-                dynamic_shapes=({0: batch, 1: time_}, {0: batch, 1: time_}), opset_version=max(opset, 18),
-                optimize=True)
+                wrapper, args, dynamo=True, input_names=list(input_names), output_names=list(OUTPUT_NAMES),
+                dynamic_shapes=shapes, opset_version=max(opset, 18), optimize=True)
             onnx_program.save(str(path), external_data=external)
         else:
             torch.onnx.export(
-                wrapper, args, str(path), dynamo=False, input_names=list(INPUT_NAMES),
+                wrapper, args, str(path), dynamo=False, input_names=list(input_names),
                 output_names=list(OUTPUT_NAMES), opset_version=opset, do_constant_folding=True,
-                dynamic_axes={"input_features": {0: "batch", 1: "time"}, "attention_mask": {0: "batch", 1: "time"},
-                              "logits": {0: "batch", 1: "frames"}, "output_lengths": {0: "batch"}},
-                external_data=external)
+                dynamic_axes=axes, external_data=external)
     if external:
         _gather_external_data(path)
     return path
@@ -276,42 +327,100 @@ def onnx_size(path: str | Path) -> int:
 
 
 # --------------------------------------------------------------------------------------------- command
-def export_model_dir(model_dir: str | Path, ecfg: DictConfig | dict) -> dict:
-    """Export a saved model folder into `<model_dir>/onnx/` as `ecfg` (the `export:` config block) says.
+def export_model_dir(model_dir: str | Path, ecfg, hooks: ExportHooks | None = None) -> dict:
+    """Export a saved model folder into export.output_dir (default `<model_dir>/onnx/`) as `ecfg` (the `export:`
+    config block) says; files appear there only complete, with their record (see Integrity above).
     -> {"fp32": path, "int8": path or None, sizes, seconds}"""
-    from transformers import Wav2Vec2BertProcessor
-
-    from .model import load_ctc_model
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} is not a model folder (no config.json); pass model=<trained model dir>")
-    quantize = ecfg.get("quantize")
+    model_dir = check_model_dir(model_dir, "export")
+    hooks = hooks or ExportHooks()
+    quantize = ecfg.quantize
+    out = onnx_dir(model_dir, ecfg.output_dir)
     onnx_file(model_dir, quantize)  # validates the choice before minutes of work
-    padding_value = float(Wav2Vec2BertProcessor.from_pretrained(str(model_dir)).feature_extractor.padding_value)
-    model = load_ctc_model(model_dir, "cpu")
-    out = model_dir / ONNX_DIR
+    padding_value = _padding_value(model_dir)
+    made_from = {name: file_stamp(model_dir / name) for name in model_files(model_dir)}  # before reading them
     start = time.perf_counter()
-    fp32 = export_onnx(model, out / FP32_FILE, padding_value, int(ecfg.get("opset", 17)), bool(ecfg.get("dynamo")))
-    del model
-    level = str(ecfg.get("optimize") or "none")
-    if level != "none":
-        optimize_offline(fp32, level)
-    result = {"fp32": str(fp32), "fp32_bytes": onnx_size(fp32), "int8": None}
+    staging = _staging(out)
+    with disk_full_guard(out, cleanup=[staging], advice="then export again"):
+        _build(model_dir, ecfg, staging, padding_value, hooks)
+        files = {name: file_stamp(staging / name) for name in EXPORT_FILES if (staging / name).is_file()}
+        _publish(staging, out, {"made_from": made_from, "settings": _settings(ecfg), "files": files}, hooks)
+    result = {"fp32": str(out / FP32_FILE), "fp32_bytes": onnx_size(out / FP32_FILE), "int8": None}
     if quantize == "int8":
-        q = ecfg.get("int8") or {}
-        int8 = quantize_int8(fp32, out / INT8_FILE, str(q.get("weight_type", "QInt8")), bool(q.get("per_channel")),
-                             list(q.get("op_types") or ["MatMul"]))
-        result.update(int8=str(int8), int8_bytes=onnx_size(int8))
+        result.update(int8=str(out / INT8_FILE), int8_bytes=onnx_size(out / INT8_FILE))
     result["seconds"] = time.perf_counter() - start
     for kind in ("fp32", "int8"):
         if result[kind]:
             print(f"{kind}: {result[kind]} ({result[kind + '_bytes'] / 1e6:.1f} MB)")
     print(f"exported in {result['seconds']:.1f} s; run it with transcribe.backend=onnx"
+          + (f" export.output_dir={out}" if out != model_dir / ONNX_DIR else "")
           + (" export.quantize=int8" if quantize == "int8" else ""))
     return result
 
 
-def export(cfg: DictConfig) -> dict:
-    """`w2vbert-asr export model=<dir> [export.quantize=int8]`."""
-    return export_model_dir(cfg.model_dir, cfg.export)
+def _padding_value(model_dir: Path) -> float:
+    """The feature extractor's padding value; a folder without the processor files is one UsageError."""
+    from .families import load_processor
+
+    try:
+        return float(load_processor(model_dir).feature_extractor.padding_value)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{model_dir} has no processor files (vocab.json, tokenizer_config.json, "
+                         "processor_config.json); export the model folder that `train` writes, which holds them, "
+                         "or copy them there from the run's processor/") from e
+
+
+def _staging(out: Path) -> Path:
+    """An empty staging folder inside `out` (what a killed export left there is removed)."""
+    try:
+        return fresh_dir(out / STAGING)
+    except OSError as e:
+        raise UsageError(f"cannot write into {out} ({e.strerror}); set export.output_dir=<a folder you can write> "
+                         "(and the same export.output_dir for the onnx backend)") from e
+
+
+def _build(model_dir: Path, ecfg, staging: Path, padding_value: float, hooks: ExportHooks) -> None:
+    """Every file of the export, complete, in `staging`."""
+    from .model import load_ctc_model
+
+    model = load_ctc_model(model_dir, "cpu")
+    fp32 = export_onnx(model, staging / FP32_FILE, padding_value, int(ecfg.opset), bool(ecfg.dynamo))
+    del model
+    hooks.reached("exported")
+    if str(ecfg.optimize) != "none":
+        optimize_offline(fp32, str(ecfg.optimize))
+        hooks.reached("optimized")
+    if ecfg.quantize == "int8":
+        q = ecfg.int8
+        quantize_int8(fp32, staging / INT8_FILE, str(q.weight_type), bool(q.per_channel), list(q.op_types))
+        hooks.reached("quantized")
+
+
+def _settings(ecfg) -> dict:
+    """How the export was made (the `export:` block without where it went)."""
+    from omegaconf import OmegaConf
+
+    settings = OmegaConf.to_container(ecfg, resolve=True) if OmegaConf.is_config(ecfg) else dict(ecfg)
+    settings.pop("output_dir", None)
+    return settings
+
+
+def _publish(staging: Path, out: Path, record: dict, hooks: ExportHooks) -> None:
+    """Move the complete export from `staging` into `out`. The old record goes first: from then until the new
+    one is written the folder is refused as incomplete, so a kill at any moment leaves an export that loads
+    (the old one or the new one) or one refused with the command to run."""
+    (out / RECORD).unlink(missing_ok=True)
+    hooks.reached("unpublished")
+    for name in EXPORT_FILES:
+        if (staging / name).is_file():
+            os.replace(staging / name, out / name)  # a rename keeps the size and time the record holds
+            hooks.reached("moved")
+        else:
+            (out / name).unlink(missing_ok=True)  # an older export's file that this one does not make
+    atomic_write_json(out / RECORD, record)
+    hooks.reached("recorded")
+    remove_paths([staging])
+
+
+def export(cfg, hooks: ExportHooks | None = None) -> dict:
+    """`w2vbert-asr export model=<dir> [export.quantize=int8] [export.output_dir=<dir>]`."""
+    return export_model_dir(cfg.model_dir, cfg.export, hooks)

@@ -21,53 +21,28 @@ Usage:
     input_features, attention_mask = extract(waves, lengths)   # (B, T, 160), (B, T)
 
     python benchmarks/features.py --threads 1      # speed and max difference vs HF
+
+Training on the CPU computes every clip's features again every epoch; ``enable_cache`` keeps each clip's
+log-mel frames (``LogMelCache``, keyed by ``clip_key`` of its audio), so later epochs redo only the cheap
+batch-level steps. The features stay bit for bit what the batch computes without the cache (tests/
+test_feature_cache.py), which is why the cache is only used on the numba CPU path: there a clip's log-mel
+frames do not depend on its batch. The float64 redo of weak frames does (one matrix product over the weak
+frames of the whole batch, whose rounding varies with their number): it and the normalisation still run
+per batch, on the cached frames.
 """
 
 from __future__ import annotations
 
+import hashlib
 import warnings
-
-import threading
 
 import numpy as np
 import torch
 
-# --- frame geometry: the one home of every frame constant, the derived ones included ----------------
-# Hard-coded in SeamlessM4TFeatureExtractor._extract_fbank_features (it is not saved in the processor
-# config), so it is hard-coded here too; data, transcribe, export and the benchmarks import it from here.
-SAMPLING_RATE = 16_000  # Hz: what W2v-BERT 2.0's feature extractor expects
-FRAME_LENGTH = 400  # samples: 25 ms at 16 kHz
-HOP_LENGTH = 160  # samples: 10 ms at 16 kHz
-FEATURE_STRIDE = 2  # fbank frames stacked into one 160-dim encoder frame (the extractor's `stride`)
-SAMPLES_PER_ENCODER_FRAME = HOP_LENGTH * FEATURE_STRIDE  # 320 samples = 20 ms
-FFT_LENGTH = 512  # next power of two >= FRAME_LENGTH
-NUM_FREQ_BINS = FFT_LENGTH // 2 + 1  # 257 one-sided bins
-PREEMPHASIS = 0.97
-INT16_SCALE = 2.0**15  # Kaldi works on 16-bit integer sample values
-MEL_FLOOR = 1.192092955078125e-07  # float32 machine epsilon, as in HF
-NORM_EPS = 1e-7  # added to the variance before the square root, as in HF
-PAD_TO_MULTIPLE_OF = 2  # HF __call__ default
-# HF normalises with the unbiased variance (ddof=1), which is NaN for a single frame.
-MIN_FRAMES = 2
-MIN_SAMPLES = FRAME_LENGTH + (MIN_FRAMES - 1) * HOP_LENGTH  # 560 samples = 35 ms
-# CPU work is done in chunks of frames so the FFT buffers stay in the L2 cache.
-CPU_FRAMES_PER_CHUNK = 1024
-# The mel matrix is banded: multiplying each group of filters only with the FFT bins it covers
-# needs ~1/5 of the dense multiply-adds. 16 filters per group (one AVX-512 register of float32)
-# measured fastest.
-MEL_GROUP_SIZE = 16
-# float32 FFT rounding is ~1e-7 of a frame's amplitude in every bin, so a mel bin far below the
-# rest of its frame loses precision. Frames with a bin whose power per unit filter weight is below
-# this fraction of the frame's total mel power are recomputed in float64: ~1-2% of speech frames,
-# mostly voiced ones with near-empty bins below 300 Hz. Measured on 48 clean espeak clips (the
-# hardest case: no room noise), the rest then stays within 1.3e-4 of HF after normalisation
-# (3.9e-3 without the redo); 1e-8 gives 6e-5 but redoes 4-10% of frames.
-RECHECK_RATIO = 1e-9
-# Kaldi per frame: y = f - mean(f); y[i] -= 0.97 y[i-1] (i >= 1); y[0] *= 0.03; y *= window.
-# For i >= 1 that is 0.03 (u[i] - mean(f)) with u[i] = x[i-1] + (x[i] - x[i-1]) / 0.03: rounding
-# then scales with |x[i] - x[i-1]| + 0.03 |x| instead of |x| (keeps weak low-frequency bins
-# accurate). The 0.03 goes into the window; y[0] is zeroed by the window (checked in __init__).
-INV_COMPLEMENT = 1.0 / (1.0 - PREEMPHASIS)
+from .audio import INT16_SCALE
+from .fbank import (CPU_FRAMES_PER_CHUNK, FFT_LENGTH, INV_COMPLEMENT, MEL_FLOOR, MEL_GROUP_SIZE, MIN_SAMPLES, NORM_EPS,
+                    NUM_FREQ_BINS, PAD_TO_MULTIPLE_OF, PREEMPHASIS, RECHECK_RATIO, cpu_buffer, cpu_kernels)
+from .geometry import FEATURE_STRIDE, FRAME_LENGTH, HOP_LENGTH, SAMPLING_RATE
 
 
 def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +60,7 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
                 t = torch.from_numpy(a if a.dtype.kind in "iu" else a.astype(np.float32, copy=False))
         if not t.is_floating_point():  # int16 PCM read as float would be 32768 times too loud
             raise TypeError(f"wave {i} is {t.dtype}; pass float waves in [-1, 1] (prepared int16 audio: "
-                            "w2vbert_asr.data.to_float / waves_of)")
+                            "w2vbert_asr.audio.to_float / waves_of)")
         if t.dim() != 1:
             raise ValueError(f"wave {i} has shape {tuple(t.shape)}; expected a 1-D mono waveform (mix down first)")
         tensors.append(t)
@@ -97,149 +72,52 @@ def pad_waves(waves: list[np.ndarray | torch.Tensor]) -> tuple[torch.Tensor, tor
     return out, lengths
 
 
+def clip_key(audio) -> bytes:
+    """A clip's identity for ``LogMelCache``: a digest of its samples as stored (int16 PCM or float), its dtype
+    and length. Equal keys mean equal waveforms, hence equal features."""
+    a = np.ascontiguousarray(audio)
+    digest = hashlib.sha1(f"{a.dtype.str}:{a.shape}".encode())
+    digest.update(memoryview(a).cast("B"))
+    return digest.digest()
+
+
+class LogMelCache:
+    """Per-clip log-mel frames of the CPU feature path, as ``BatchFeatureExtractor`` computes them before the
+    batch-level steps (the float64 redo of weak frames, normalisation, stacking), and the indices of the clip's
+    weak frames. Filled in the order clips are first seen until ``max_bytes`` is reached, then left as it is:
+    training visits every clip once per epoch, so evicting would only trade one miss for another."""
+
+    ENTRY_OVERHEAD = 256  # bytes of bookkeeping per clip, roughly (dict slot, key, two tensor headers)
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._items: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key, frames: int):
+        """-> (log-mel (frames, mel) float32, weak frame indices (R,) int64) or None."""
+        item = self._items.get(key)
+        if item is None or item[0].shape[0] != frames:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return item
+
+    def put(self, key, log_mel: torch.Tensor, weak: torch.Tensor) -> None:
+        size = log_mel.numel() * log_mel.element_size() + weak.numel() * weak.element_size() + self.ENTRY_OVERHEAD
+        if key in self._items or self.bytes + size > self.max_bytes:
+            return
+        self._items[key] = (log_mel.clone(), weak.clone())
+        self.bytes += size
+
+
 def num_fbank_frames(lengths: torch.Tensor) -> torch.Tensor:
     """``(B,)`` sample counts -> ``(B,)`` fbank frames before stacking (Kaldi ``snip_edges``)."""
     return torch.div(lengths - FRAME_LENGTH, HOP_LENGTH, rounding_mode="floor") + 1
-
-
-def samples_per_frame(model_config) -> int:
-    """Input samples per CTC output frame (transformers' ``inputs_to_logits_ratio``): the fbank hop (160)
-    times the stacked frames (2) times each adapter layer's stride: 640 samples = 40 ms for W2v-BERT 2.0."""
-    ratio = SAMPLES_PER_ENCODER_FRAME
-    if getattr(model_config, "add_adapter", False):
-        ratio *= int(model_config.adapter_stride) ** int(model_config.num_adapter_layers)
-    return ratio
-
-
-def ctc_output_frames(num_samples, model_config):
-    """CTC frames the model emits for a clip of ``num_samples`` samples on its own: an int, or ``(B,)``
-    int64 for a tensor of sample counts.
-
-    This is the toolkit's one rule for a clip's output length (training's CTC loss, evaluation,
-    transcription, export): every frame the clip alone produces, as `pipeline()` decodes it. A clip with
-    an odd number of fbank frames ends in a stacked frame that is half padding; the extractor marks it
-    invalid, so transformers' ``_get_feat_extract_output_lengths(mask.sum(-1))`` is one frame short
-    there, and that frame can hold the last letter.
-    """
-    tensor = torch.is_tensor(num_samples)
-    n = num_samples.long() if tensor else int(num_samples)
-    fbank = (n - FRAME_LENGTH) // HOP_LENGTH + 1
-    fbank = fbank.clamp(min=0) if tensor else max(0, fbank)
-    frames = -(-fbank // FEATURE_STRIDE)  # the extractor pads to a multiple of the stride
-    if getattr(model_config, "add_adapter", False):
-        k, s = int(model_config.adapter_kernel_size), int(model_config.adapter_stride)
-        for _ in range(int(model_config.num_adapter_layers)):
-            frames = (frames + 2 * (s // 2) - k) // s + 1  # the adapter convolutions (padding stride // 2)
-        frames = frames.clamp(min=0) if tensor else max(0, frames)
-    return frames
-
-
-# --- fused CPU loops (numba) -------------------------------------------------------------------
-def _frames_py(x, window, out):
-    """The first R Kaldi frames of 1-D float32 ``x`` into ``out`` ``(R, 512)``: DC removed,
-    pre-emphasised, windowed (``window`` includes the 0.03, see INV_COMPLEMENT), zero tail.
-    (Callers slice ``x`` to the first frame: a start offset here stops LLVM vectorising, 4x slower.)"""
-    inv = np.float32(INV_COMPLEMENT)
-    for r in range(out.shape[0]):
-        s = r * HOP_LENGTH
-        acc = np.float32(0.0)
-        for i in range(FRAME_LENGTH):
-            acc += x[s + i]
-        mean = acc / np.float32(FRAME_LENGTH)
-        out[r, 0] = 0.0
-        for i in range(1, FRAME_LENGTH):
-            prev = x[s + i - 1]
-            out[r, i] = window[i] * (prev + (x[s + i] - prev) * inv - mean)
-        for i in range(FRAME_LENGTH, FFT_LENGTH):
-            out[r, i] = 0.0
-
-
-def _frames64_py(waves, clip, index, window, out):
-    """HF's float64 framing of frames ``index[r]`` of ``waves[clip[r]]`` (``(B, N)`` float32) into
-    ``out`` ``(R, 512)`` float64: DC removed, pre-emphasised, windowed, zero tail."""
-    for r in range(out.shape[0]):
-        c, s = clip[r], index[r] * HOP_LENGTH
-        acc = 0.0
-        for i in range(FRAME_LENGTH):
-            acc += waves[c, s + i]
-        mean = acc / FRAME_LENGTH
-        out[r, 0] = window[0] * (1.0 - PREEMPHASIS) * (waves[c, s] - mean)
-        for i in range(1, FRAME_LENGTH):
-            out[r, i] = window[i] * ((waves[c, s + i] - mean) - PREEMPHASIS * (waves[c, s + i - 1] - mean))
-        for i in range(FRAME_LENGTH, FFT_LENGTH):
-            out[r, i] = 0.0
-
-
-def _weak_rows_py(mel, scale, weak):
-    """Per row of float32 mel power ``(R, mel)``: ``weak[r]`` = some bin * scale < the row's
-    total (see RECHECK_RATIO); then floors the row at MEL_FLOOR, in place."""
-    for r in range(mel.shape[0]):
-        total = np.float32(0.0)
-        for j in range(mel.shape[1]):
-            total += mel[r, j]
-        flag = False
-        for j in range(mel.shape[1]):
-            flag |= mel[r, j] * scale[j] < total
-            mel[r, j] = max(mel[r, j], np.float32(MEL_FLOOR))
-        weak[r] = flag
-
-
-def _normalise_py(feats, count, padding_value):
-    """In place on ``(T, mel)`` float32: rows < count to zero mean, unit unbiased variance per
-    column (float64 sums); rows >= count to ``padding_value``."""
-    bins = feats.shape[1]
-    mean = np.zeros(bins, np.float64)
-    for t in range(count):
-        for j in range(bins):
-            mean[j] += feats[t, j]
-    mean /= count
-    var = np.zeros(bins, np.float64)
-    for t in range(count):
-        for j in range(bins):
-            d = feats[t, j] - mean[j]
-            var[j] += d * d
-    scale = (1.0 / np.sqrt(var / (count - 1) + NORM_EPS)).astype(np.float32)
-    shift = mean.astype(np.float32)
-    for t in range(count):
-        for j in range(bins):
-            feats[t, j] = (feats[t, j] - shift[j]) * scale[j]
-    for t in range(count, feats.shape[0]):
-        for j in range(bins):
-            feats[t, j] = padding_value
-
-
-_KERNELS: dict = {}
-# Per-thread FFT input buffer for the CPU path, reused across calls: a fresh 2 MB buffer per chunk
-# costs ~0.3 ms of page faults, as much as the framing itself. Module-level so that extractors
-# stay picklable (DataLoader workers) and threads never share one.
-_WORKSPACE = threading.local()
-
-
-def _cpu_buffer(rows: int) -> torch.Tensor:
-    """A ``(rows, 512)`` float32 CPU tensor whose memory is reused by later calls in this thread."""
-    buf = getattr(_WORKSPACE, "buf", None)
-    if buf is None or buf.shape[0] < rows:
-        buf = _WORKSPACE.buf = torch.empty(max(rows, CPU_FRAMES_PER_CHUNK), FFT_LENGTH)
-    return buf[:rows]
-
-
-def _cpu_kernels() -> dict | None:
-    """The numba-compiled loops (compiled once, cached on disk by numba), or None without numba."""
-    if not _KERNELS:
-        try:
-            import numba
-        except ImportError:
-            _KERNELS["missing"] = True
-        else:
-            # reassoc: vectorised sums; contract: fused multiply-add. Both only change rounding.
-            jit = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-            # The weak-row test also assumes finite values, so that its loop vectorises.
-            finite = numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract", "nnan", "ninf", "nsz"})
-            _KERNELS.update(
-                frames=jit(_frames_py), frames64=jit(_frames64_py), weak_rows=finite(_weak_rows_py),
-                normalise=jit(_normalise_py),
-            )
-    return None if "missing" in _KERNELS else _KERNELS
 
 
 class BatchFeatureExtractor(torch.nn.Module):
@@ -285,6 +163,7 @@ class BatchFeatureExtractor(torch.nn.Module):
         self.sampling_rate = int(sampling_rate)
         self.frames_per_chunk = int(frames_per_chunk)
         self.cpu_kernels = bool(cpu_kernels)
+        self.cache: LogMelCache | None = None  # enable_cache
         # Non-persistent: derived constants, not weights; keeps them out of model checkpoints.
         self.register_buffer("window", window.to(torch.float32), persistent=False)
         self.register_buffer("mel_filters", mel.to(torch.float32), persistent=False)
@@ -391,19 +270,40 @@ class BatchFeatureExtractor(torch.nn.Module):
         feats[clip, index] = mel.clamp_(min=MEL_FLOOR).log_()
 
     # --- CPU with numba -----------------------------------------------------------------------
-    def _log_mel_cpu(self, waves: torch.Tensor, frames: list[int], feats: torch.Tensor, kernels: dict) -> list:
-        """Clip by clip, chunk by chunk: fused framing loop, then FFT and mel (see _log_mel_)."""
+    def enable_cache(self, max_bytes: int) -> bool:
+        """Keep each clip's log-mel frames (``LogMelCache`` of at most ``max_bytes``) for calls that pass
+        ``keys``. Only where the result stays bit-identical: the numba CPU path (a clip's log-mel frames there
+        do not depend on the rest of its batch). -> whether the cache is on."""
+        on = max_bytes > 0 and self.cpu_kernels and self.window.device.type == "cpu" and cpu_kernels() is not None
+        self.cache = LogMelCache(max_bytes) if on else None
+        return on
+
+    def _log_mel_cpu(self, waves: torch.Tensor, frames: list[int], feats: torch.Tensor, kernels: dict,
+                     keys: list | None = None) -> list:
+        """Clip by clip, chunk by chunk: fused framing loop, then FFT and mel (see _log_mel_); a clip found in
+        the cache under its key is copied instead, with its weak frames (the same list, in the same order)."""
         window = self._window_fast.numpy()
+        cache = self.cache if keys is not None else None
         weak = []
         for b, count in enumerate(frames):
+            hit = cache.get(keys[b], count) if cache is not None else None
+            if hit is not None:
+                feats[b, :count] = hit[0]
+                if hit[1].numel():
+                    weak.append((torch.full_like(hit[1], b), hit[1]))
+                continue
+            first = len(weak)
             x = waves[b].numpy()
             for start in range(0, count, self.frames_per_chunk):
                 stop = min(start + self.frames_per_chunk, count)
-                buf = _cpu_buffer(stop - start)
+                buf = cpu_buffer(stop - start)
                 kernels["frames"](x[start * HOP_LENGTH :], window, buf.numpy())
                 rows = self._log_mel_(buf, feats[b, start:stop], kernels)
                 if rows.numel():
                     weak.append((torch.full_like(rows, b), rows + start))
+            if cache is not None:
+                rows = [index for _, index in weak[first:]]
+                cache.put(keys[b], feats[b, :count], torch.cat(rows) if rows else torch.empty(0, dtype=torch.long))
         return weak
 
     # --- torch ops (GPU, or CPU without numba) ------------------------------------------------
@@ -454,10 +354,18 @@ class BatchFeatureExtractor(torch.nn.Module):
         var = feats.square().sum(dim=1, keepdim=True) / (count - 1)
         feats.mul_(var.add_(NORM_EPS).rsqrt_()).masked_fill_(pad, self.padding_value)
 
+    def model_inputs(self, waves: torch.Tensor, lengths: torch.Tensor, keys: list | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """``forward`` as the keyword arguments of ``Wav2Vec2BertForCTC`` (waveform.featurizer_for's interface)."""
+        input_features, attention_mask = self(waves, lengths, keys)
+        return {"input_features": input_features, "attention_mask": attention_mask}
+
     @torch.no_grad()
-    def forward(self, waves: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, waves: torch.Tensor, lengths: torch.Tensor, keys: list | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """waves ``(B, N)`` float32 zero-padded 16 kHz, lengths ``(B,)`` samples ->
-        input_features ``(B, T, 160)`` float32, attention_mask ``(B, T)`` long."""
+        input_features ``(B, T, 160)`` float32, attention_mask ``(B, T)`` long.
+        keys: one ``clip_key`` per row, to use the cache (``enable_cache``); ignored without one."""
         if waves.dim() != 2:
             raise ValueError(f"waves must be (B, N), got shape {tuple(waves.shape)}; use pad_waves() for a list")
         lengths = torch.as_tensor(lengths)
@@ -482,9 +390,11 @@ class BatchFeatureExtractor(torch.nn.Module):
 
         # HF normalises before padding and truncating, so all frames are computed: padded >= frames.
         feats = torch.empty(batch, padded, self.num_mel_bins, device=device)
-        kernels = _cpu_kernels() if device.type == "cpu" and self.cpu_kernels else None
+        kernels = cpu_kernels() if device.type == "cpu" and self.cpu_kernels else None
+        if keys is not None and len(keys) != batch:
+            raise ValueError(f"{len(keys)} keys for {batch} clips")
         if kernels:
-            weak = self._log_mel_cpu(waves, frames_list, feats, kernels)
+            weak = self._log_mel_cpu(waves, frames_list, feats, kernels, keys)
         else:
             weak = self._log_mel_torch(waves, frames_list, feats)
         if weak:

@@ -44,10 +44,10 @@ import functools
 import json
 import logging
 import math
-import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -56,6 +56,7 @@ from omegaconf import DictConfig
 from omegaconf.errors import MissingMandatoryValue
 
 from . import UsageError
+from .storage import atomic_dir
 from .text import NORMALIZER_FILE, Normalizer
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ MAX_ORDER = 6  # kaldingram's CLI stops at 5; beyond 6 a transcript-sized text h
 def _model_source(cfg: DictConfig) -> Path:
     """Folder with the tokenizer (and normaliser) the LM is built for: the model dir, else prepare's processor/."""
     for candidate in (Path(cfg.model_dir), Path(cfg.output_dir) / "processor"):
-        if (candidate / "vocab.json").is_file() and (candidate / "tokenizer_config.json").is_file():
+        if (candidate / "tokenizer_config.json").is_file():
             return candidate
     raise UsageError(f"no tokenizer in {cfg.model_dir} or {Path(cfg.output_dir) / 'processor'}: train or "
                      "`w2vbert-asr prepare` first, or pass model=<model dir>")
@@ -81,7 +82,7 @@ def _model_source(cfg: DictConfig) -> Path:
 
 def train_texts(cfg: DictConfig, normalizer: Normalizer) -> tuple[list[str], str]:
     """-> (normalised sentences, description of their source)."""
-    if cfg.lm.get("text"):
+    if cfg.lm.text:
         path = Path(cfg.lm.text)
         if not path.is_file():
             raise UsageError(f"lm.text={path} does not exist; give a UTF-8 text file, one sentence per line")
@@ -91,7 +92,8 @@ def train_texts(cfg: DictConfig, normalizer: Normalizer) -> tuple[list[str], str
             raise UsageError(f"lm.text={path} is not UTF-8 ({e}); convert it first") from e
         texts = [t for t in (normalizer(line) for line in lines) if t]
         return texts, str(path)
-    from .data import load_prepared, prepare
+    from .prepare import prepare
+    from .prepared import load_prepared
 
     # `w2vbert-asr lm model=<run>/model` without a recipe: the run folder is the model dir's parent.
     for run in (Path(cfg.output_dir), Path(cfg.model_dir).parent):
@@ -208,24 +210,46 @@ def lm_info(lm_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+@dataclass(frozen=True)
+class BeamSearch:
+    """pyctcdecode's beam search with an n-gram LM over one model's logit columns, at a fixed beam width."""
+
+    decoder: object  # pyctcdecode BeamSearchDecoderCTC
+    beam_width: int
+
+    def best_beam(self, logits: torch.Tensor) -> tuple:
+        """Logits (T, V) of one utterance -> the best beam `(text, lm_state, [(word, (start, end))], ...)`."""
+        return self.decoder.decode_beams(logits.detach().float().cpu().numpy(), beam_width=self.beam_width)[0]
+
+    def text(self, logits: torch.Tensor) -> str:
+        return self.decoder.decode(logits.detach().float().cpu().numpy(), beam_width=self.beam_width)
+
+
+def beam_search(tokenizer, lm_dir: str | Path, beam_width: int | None = None, alpha: float | None = None,
+                beta: float | None = None) -> BeamSearch:
+    """The LM folder `lm_dir` (`w2vbert-asr lm`) as a BeamSearch for `tokenizer`'s logit columns. beam_width,
+    alpha and beta default to what `w2vbert-asr lm` stored there (its lm.beam_width, lm.alpha, lm.beta)."""
+    decoder = load_decoder(tokenizer, lm_dir, alpha, beta)
+    width = beam_width or lm_info(lm_dir).get("beam_width")
+    if not width:
+        raise UsageError(f"{Path(lm_dir) / LM_INFO} names no beam width: build the LM again with `w2vbert-asr lm`")
+    return BeamSearch(decoder, int(width))
+
+
 def beam_decoder(tokenizer, lm_dir: str | Path, beam_width: int | None = None, alpha: float | None = None,
                  beta: float | None = None, confidence=None) -> Callable[[torch.Tensor, torch.Tensor], list]:
     """Decoder for `evaluate.decode_dataset`: (logits (B, T, V) float, valid lengths (B,)) -> texts, or
-    `confidence.Hypothesis` objects (word confidences over the best beam's word frames) given a measure.
-
-    beam_width/alpha/beta default to what `w2vbert-asr lm` stored (cfg.lm.*)."""
-    decoder = load_decoder(tokenizer, lm_dir, alpha, beta)
-    width = int(beam_width or lm_info(lm_dir).get("beam_width", 64))
+    `confidence.Hypothesis` objects (word confidences over the best beam's word frames) given a measure."""
+    search = beam_search(tokenizer, lm_dir, beam_width, alpha, beta)
 
     def decode(logits: torch.Tensor, lengths: torch.Tensor) -> list:
         rows = logits.detach().float().cpu()
-        arrays = rows.numpy()
         if confidence is None:
-            return [decoder.decode(a[:n], beam_width=width) for a, n in zip(arrays, lengths.cpu().tolist())]
+            return [search.text(row[:n]) for row, n in zip(rows, lengths.cpu().tolist())]
         from .confidence import beam_hypothesis
 
-        return [beam_hypothesis(row[:n], decoder.decode_beams(a[:n], beam_width=width)[0], tokenizer.pad_token_id,
-                                confidence) for row, a, n in zip(rows, arrays, lengths.cpu().tolist())]
+        return [beam_hypothesis(row[:n], search.best_beam(row[:n]), tokenizer.pad_token_id, confidence)
+                for row, n in zip(rows, lengths.cpu().tolist())]
 
     return decode
 
@@ -236,33 +260,29 @@ def build_lm(cfg: DictConfig) -> dict:
     from pyctcdecode import BeamSearchDecoderCTC
     from pyctcdecode.alphabet import Alphabet
     from pyctcdecode.language_model import LanguageModel
-    from transformers import Wav2Vec2BertProcessor
+    from transformers import AutoProcessor
 
     source = _model_source(cfg)
-    processor = Wav2Vec2BertProcessor.from_pretrained(source)
+    processor = AutoProcessor.from_pretrained(source)  # the model's own processor class (families.py)
     normalizer = Normalizer.load(source) if (source / NORMALIZER_FILE).is_file() else Normalizer.from_config(cfg.text)
     texts, text_source = train_texts(cfg, normalizer)
     order = int(cfg.lm.order)
 
     out = Path(cfg.lm.output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    arpa = tmp / "build" / f"{order}gram.arpa"
-    stats = write_arpa(texts, order, arpa)
-
-    unigrams = sorted({w for t in texts for w in t.split()})
-    language_model = LanguageModel(_load_kenlm(arpa), unigrams, alpha=float(cfg.lm.alpha), beta=float(cfg.lm.beta),
-                                   unk_score_offset=UNK_SCORE_OFFSET, score_boundary=True)
-    decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(decoder_labels(processor.tokenizer)), language_model)
-    processor.save_pretrained(tmp)
-    decoder.save_to_dir(str(tmp))  # alphabet.json + language_model/{arpa, unigrams.txt, attrs.json}
-    shutil.rmtree(tmp / "build")
-    info = {"order": order, "text_source": text_source, "tokenizer_source": str(source), **stats,
-            "alpha": float(cfg.lm.alpha), "beta": float(cfg.lm.beta), "beam_width": int(cfg.lm.beam_width),
-            "builder": f"kaldingram {metadata.version('kaldingram')} (back-off Kneser-Ney, SRILM -ukndiscount)"}
-    (tmp / LM_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        arpa = tmp / "build" / f"{order}gram.arpa"
+        stats = write_arpa(texts, order, arpa)
+        unigrams = sorted({w for t in texts for w in t.split()})
+        language_model = LanguageModel(_load_kenlm(arpa), unigrams, alpha=float(cfg.lm.alpha),
+                                       beta=float(cfg.lm.beta), unk_score_offset=UNK_SCORE_OFFSET, score_boundary=True)
+        decoder = BeamSearchDecoderCTC(Alphabet.build_alphabet(decoder_labels(processor.tokenizer)), language_model)
+        processor.save_pretrained(tmp)
+        decoder.save_to_dir(str(tmp))  # alphabet.json + language_model/{arpa, unigrams.txt, attrs.json}
+        shutil.rmtree(tmp / "build")
+        info = {"order": order, "text_source": text_source, "tokenizer_source": str(source), **stats,
+                "alpha": float(cfg.lm.alpha), "beta": float(cfg.lm.beta), "beam_width": int(cfg.lm.beam_width),
+                "builder": f"kaldingram {metadata.version('kaldingram')} (back-off Kneser-Ney, SRILM -ukndiscount)"}
+        (tmp / LM_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=2))
     sizes = ", ".join(f"{n}-grams {c:,}" for n, c in stats["ngrams"].items())
     print(f"lm: {order}-gram from {stats['sentences']:,} sentences ({stats['words']:,} words, "
           f"{stats['vocabulary']:,} types; {sizes}) -> {out}")

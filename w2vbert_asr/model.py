@@ -1,6 +1,7 @@
-"""The CTC model: the pretrained W2v-BERT 2.0 encoder (or a tiny copy built from config) plus a CTC head.
+"""The CTC model: a pretrained encoder (or a tiny copy built from config) plus a CTC head.
 
-The base checkpoint's config is a trap for fine-tuning (SpecAugment off, CTC loss "sum", vocab_size
+`model.family` picks the family (families.py): W2v-BERT 2.0 (here) or omniASR-CTC (omniasr.py holds its own
+part). The base checkpoint's config is a trap for fine-tuning (SpecAugment off, CTC loss "sum", vocab_size
 unset, no adapter); `config_overrides` in conf/model/*.yaml replaces those values on every load.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -18,7 +20,6 @@ if TYPE_CHECKING:
     from transformers import Wav2Vec2BertForCTC
 
 from . import UsageError
-from .features import ctc_output_frames
 
 log = logging.getLogger(__name__)
 
@@ -27,28 +28,52 @@ def _overrides(model_cfg: DictConfig) -> dict:
     return OmegaConf.to_container(model_cfg.config_overrides, resolve=True) if model_cfg.config_overrides else {}
 
 
-def architecture_config(model_cfg: DictConfig) -> Wav2Vec2BertConfig:
+def architecture_config(model_cfg: DictConfig):
     """The architecture without touching the Hub: the tiny config, or the defaults (which are the
-    600M W2v-BERT 2.0 shape) with the overrides. Used to compute CTC frame counts during prepare."""
-    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True) if model_cfg.get("architecture") else {}
+    600M W2v-BERT 2.0 shape, or omniASR-CTC's convolutions) with the overrides. Used to compute CTC frame counts
+    during prepare."""
+    if model_cfg.family == "omniasr_ctc":
+        from . import omniasr
+
+        return omniasr.architecture_config(model_cfg, _overrides(model_cfg))
+    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True) if model_cfg.architecture else {}
     return Wav2Vec2BertConfig(**arch, **_overrides(model_cfg))
 
 
-def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
-    """Load the pretrained encoder (Hub id or local dir) or build the tiny one; new CTC head sized to the vocab."""
+def build_model(model_cfg: DictConfig, tokenizer):
+    """Load the pretrained encoder (Hub id or local dir) or build the tiny one; new CTC head sized to the vocab
+    (omniASR-CTC may keep its own: omniasr.build_model)."""
+    if model_cfg.family == "omniasr_ctc":
+        from . import omniasr
+
+        model = omniasr.build_model(model_cfg, tokenizer, _overrides(model_cfg))
+    else:
+        model = _build_w2v_bert(model_cfg, tokenizer)
+    trainable, total = count_parameters(model)
+    print(f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / total:.1f}%)")
+    if model_cfg.gradient_checkpointing:
+        # Recompute each layer's activations in the backward: slower, but the 600M model fits a 16 GB card.
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _build_w2v_bert(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
     # The modeling classes are imported where used: `prepare` needs only the config (frame arithmetic),
     # and the modeling stack costs seconds of start-up.
     from transformers import Wav2Vec2BertForCTC
 
     ctc = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
-    attn = model_cfg.get("attn_implementation") or "eager"
-    if model_cfg.get("architecture"):
+    attn = model_cfg.attn_implementation
+    if model_cfg.architecture:
         config = architecture_config(model_cfg)
         for k, v in ctc.items():
             setattr(config, k, v)
         model = Wav2Vec2BertForCTC._from_config(config, attn_implementation=attn)
     else:
-        if not model_cfg.get("name_or_path"):
+        if not model_cfg.name_or_path:
             raise ValueError("set model.name_or_path (Hub id or local dir) or model.architecture")
         # The base checkpoint has no CTC head, and a CTC checkpoint of another language has one of the
         # wrong size: either way the head is newly initialised for this vocabulary (listed in the log).
@@ -58,20 +83,19 @@ def build_model(model_cfg: DictConfig, tokenizer) -> Wav2Vec2BertForCTC:
         )
     configure_trainable(model, model_cfg)
     attach_padding_hooks(model)
-    use_fast_relative_key_bias(model, bool(model_cfg.get("fast_position_bias", True)))
-    if model_cfg.get("gradient_checkpointing"):
-        # Recompute each layer's activations in the backward: ~30% slower, but the 600M model fits 16 GB.
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return use_fast_relative_key_bias(model, bool(model_cfg.fast_position_bias))
+
+
+def require_pretrained(model_cfg: DictConfig, command: str) -> None:
+    """Before any data is prepared: the pretrained checkpoint is cached or reachable (weights.require), unless the
+    model is built from model.architecture."""
+    from .weights import hub_ids, require
+
+    require(hub_ids([] if model_cfg.architecture else [model_cfg.name_or_path]), command)
 
 
 def load_weights(model: Wav2Vec2BertForCTC, model_dir) -> None:
     """Overwrite `model`'s weights with a saved model's (same architecture and vocabulary, safetensors)."""
-    from pathlib import Path
-
     from safetensors.torch import load_file
 
     path = Path(model_dir) / "model.safetensors"
@@ -86,22 +110,22 @@ def load_weights(model: Wav2Vec2BertForCTC, model_dir) -> None:
 
 
 def configure_trainable(model: Wav2Vec2BertForCTC, model_cfg: DictConfig) -> None:
-    """Freeze what the recipe asks (Wav2Vec2BertForCTC has no freeze_feature_encoder: it has no CNN)."""
+    """Freeze what the recipe asks (W2v-BERT has no CNN: its front end is the feature projection)."""
     w2v = model.wav2vec2_bert
-    if model_cfg.get("train_head_only"):
+    if model_cfg.train_head_only:
         for p in model.parameters():
             p.requires_grad = False
         for module in (model.lm_head, w2v.adapter):
             if module is not None:
                 for p in module.parameters():
                     p.requires_grad = True
-    n_frozen = int(model_cfg.get("freeze_encoder_layers") or 0)
+    n_frozen = int(model_cfg.freeze_encoder_layers)
+    frozen = [w2v.feature_projection] if model_cfg.freeze_feature_encoder else []
     if n_frozen:
-        for module in (w2v.feature_projection, *w2v.encoder.layers[:n_frozen]):
-            for p in module.parameters():
-                p.requires_grad = False
-    trainable, total = count_parameters(model)
-    print(f"parameters: {trainable:,} trainable / {total:,} total ({100 * trainable / total:.1f}%)")
+        frozen += [w2v.feature_projection, *w2v.encoder.layers[:n_frozen]]
+    for module in frozen:
+        for p in module.parameters():
+            p.requires_grad = False
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -117,29 +141,15 @@ def ctc_greedy_ids(logits: torch.Tensor, lengths: torch.Tensor) -> list[list[int
     return [row[:n].tolist() for row, n in zip(ids, lengths.cpu().tolist())]
 
 
-def output_lengths(sample_lengths: torch.Tensor, model_config) -> torch.Tensor:
-    """(B,) samples per clip -> (B,) CTC frames to decode / score: `features.ctc_output_frames`, the one
-    rule (every frame the clip alone yields), on the lengths' device."""
-    return ctc_output_frames(torch.as_tensor(sample_lengths), model_config)
-
-
-def pick_device(setting: str | None = "auto") -> torch.device:
-    """`auto` (CUDA when there is one, else CPU), `cpu`, `cuda` or `cuda:N`; anything else is a UsageError."""
-    setting = str(setting or "auto").strip()
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(setting)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"device {setting!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UsageError(f"device {setting!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"device {setting!r} asked for, but torch sees no CUDA device; use device=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {setting!r}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return device
+def check_model_dir(model_dir, command: str = "") -> Path:
+    """`model_dir` as a Path when it is a saved model folder (it holds config.json), else one UsageError
+    saying what to pass. command: the command's name, for the message."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        why = "it does not exist" if not model_dir.exists() else "no config.json"
+        raise UsageError(f"{model_dir} is not a model folder ({why}); train first, or pass model=<trained model dir>"
+                         + (f" to `w2vbert-asr {command}`" if command else ""))
+    return model_dir
 
 
 # --------------------------------------------------------------------------------------------- padding
@@ -204,18 +214,17 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     """transformers' `_apply_relative_key_position_encoding` (W2v-BERT 2.0's position bias), same values,
     other order: query (B, H, Lq, D), key (B, H, Lk, D) -> (query, bias (B, H, Lq, Lk)).
 
-    transformers looks up a D-vector for every (query, key) pair's clamped distance, an (Lq, Lk, D) tensor
-    (144 MB for a 20 s chunk of the tiny model), and contracts every query with it: ~60 % of the tiny
-    model's CPU time on 20 s chunks, and half its onnxruntime time. Only left + right + 1 distances exist
-    (73 for W2v-BERT 2.0), so each query meets those once (a MatMul, (B, H, Lq, 73)) and each (q, k) pair
-    picks its column (a gather; under ONNX export one flat index_select, a single ONNX Gather). Training
-    uses it too (`model.fast_position_bias`): a tiny-model step on 5.6 s clips ran 7-8 % faster.
+    transformers looks up a D-vector for every (query, key) pair's clamped distance, an (Lq, Lk, D) tensor,
+    and contracts every query with it: most of a long chunk's CPU time. Only left + right + 1 distances
+    exist (73 for W2v-BERT 2.0), so each query meets those once (a MatMul, (B, H, Lq, 73)) and each (q, k)
+    pair picks its column (a gather; under ONNX export one flat index_select, a single ONNX Gather).
+    Training uses it too (`model.fast_position_bias`). Measurements: benchmarks/README.md.
     """
     left, right = int(module.left_max_position_embeddings), int(module.right_max_position_embeddings)
     width = left + right + 1
     q_len, k_len = query.shape[2], key.shape[2]
     # Scaled here, on the small table: the gather copies values, so this equals scaling the (B, H, Lq, Lk)
-    # bias bit for bit, without a second bias-sized tensor (32 MB per 20 s chunk and head group of 4).
+    # bias bit for bit, without a second bias-sized tensor.
     table = torch.matmul(query, module.distance_embedding.weight.to(query.dtype).t()) * module.scaling
     if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
         # One flat index_select exports to a single ONNX Gather, which onnxruntime runs fast.
@@ -223,9 +232,8 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         column = (torch.arange(k_len, device=query.device)[None, :] - rows).clamp(-left, right) + left
         flat = (column + rows * width).reshape(-1)  # (Lq * Lk,) into (Lq * width)
         return query, torch.index_select(table.flatten(2), 2, flat).unflatten(2, (q_len, k_len))
-    # In eager torch, gather with the index broadcast over (B, H) is ~13x faster than that index_select
-    # (6 vs 87 ms for 2 x 20 s chunks of the tiny model on 2 CPU cores, where index_select was 59 % of the
-    # forward); same values.
+    # In eager torch, gather with the index broadcast over (B, H) is an order of magnitude faster than that
+    # index_select (benchmarks/README.md, long audio); same values.
     column = _distance_columns(q_len, k_len, left, right, query.device)
     return query, torch.gather(table, 3, column.expand(*table.shape[:2], q_len, k_len))
 
@@ -233,7 +241,7 @@ def relative_key_bias(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 @functools.lru_cache(maxsize=8)
 def _distance_columns(q_len: int, k_len: int, left: int, right: int, device: torch.device) -> torch.Tensor:
     """(Lq, Lk) int64: the clamped distance's column for every (query, key) pair. Cached: a long file's chunks
-    share one length, and building it was ~7 % of a 20 s chunk's forward (8 MB, four passes, every layer)."""
+    share one length, and rebuilding it in every layer is a visible share of a long chunk's forward."""
     rows = torch.arange(q_len, device=device)[:, None]
     return (torch.arange(k_len, device=device)[None, :] - rows).clamp(-left, right) + left
 
@@ -264,10 +272,14 @@ def use_fast_relative_key_bias(model: torch.nn.Module, enable: bool = True) -> t
     return model
 
 
-def load_ctc_model(model_dir, device: torch.device | str = "cpu") -> Wav2Vec2BertForCTC:
-    """A saved CTC model (safetensors only), padding hooks attached, in eval mode on `device`; attention uses
-    `relative_key_bias` (same values, a fraction of the time on long chunks)."""
-    from transformers import Wav2Vec2BertForCTC
+def load_ctc_model(model_dir, device: torch.device | str = "cpu", family=None):
+    """A saved CTC model of any family (safetensors only), in eval mode on `device`. W2v-BERT gets its padding
+    hooks, and attention uses `relative_key_bias` (same values, a fraction of the time on long chunks)."""
+    from .families import family_of_model
 
-    model = Wav2Vec2BertForCTC.from_pretrained(str(model_dir), use_safetensors=True)
-    return use_fast_relative_key_bias(attach_padding_hooks(model)).to(device).eval()
+    family = family or family_of_model(model_dir)
+    model = family.classes()[0].from_pretrained(str(model_dir), use_safetensors=True)
+    if family.name == "w2v_bert":
+        model = use_fast_relative_key_bias(attach_padding_hooks(model))
+    return model.to(device).eval()
+

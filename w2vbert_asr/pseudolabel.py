@@ -3,17 +3,21 @@
 Usage:
     w2vbert-asr pseudolabel model=outputs/sw/model data.root=/data/cv-corpus-21.0/sw     # other.tsv -> pseudo.tsv
     w2vbert-asr pseudolabel model=outputs/sw/model data.root=... pseudolabel.pool=/data/extra_audio/
-    w2vbert-asr pseudolabel model=outputs/sw/model data.root=... eval.lm=outputs/sw/lm pseudolabel.threshold=0.95
+    w2vbert-asr pseudolabel model=outputs/sw/model data.root=... pseudolabel.lm=outputs/sw/lm pseudolabel.threshold=0.95
     w2vbert-asr train lang=sw data.root=... output_dir=outputs/sw_st "data.extra_train=[outputs/sw/pseudo/pseudo.tsv]"
     w2vbert-asr pseudolabel recipe=selftrain_demo              # the whole loop: round 0, then a round per threshold
 
-The pool (`pseudolabel.pool`) is Common Voice's `other.tsv` by default (recorded, not yet validated): any
-TSV stem of the release, a manifest (.tsv/.csv/.jsonl with a `pseudolabel.audio_column` column) or a
-folder of audio. Clips of the release's labelled splits (train, dev, test and the configured ones) are
-never labelled. Each remaining clip is transcribed (greedy, or beam search with the n-gram when `eval.lm`
-is set), normalised with the model's normaliser and kept when it passes prepare's checks (duration, CTC
-feasibility, digits policy, non-empty text), contains no unknown token, and its utterance confidence
-(confidence.py) is at least `pseudolabel.threshold`; `pseudolabel.max_clips` keeps only the most confident.
+The pool (`pseudolabel.pool`) is Common Voice's `other.tsv` by default (recorded, not yet validated): any TSV
+stem of the release, a manifest (.tsv/.csv/.jsonl with a `pseudolabel.audio_column` column) or a folder of
+audio. Clips of the release's labelled splits (train, dev, test and the configured ones) are never labelled,
+whatever path leads to them (real paths are compared, symlinks resolved), nor are copies of dev or test clips
+under another name (same decoded audio: prepare's rule, rows.HeldOut). Each remaining clip is transcribed
+(greedy, or beam search with the n-gram when `pseudolabel.lm` is set), normalised with the model's normaliser
+and kept when it passes prepare's checks (duration, CTC feasibility, digits policy, non-empty text), contains
+no unknown token, and passes `pseudolabel.filter`: its utterance confidence (confidence.py) is at least
+`pseudolabel.threshold`, and/or the alignment score of the label against its own audio (alignment.py, as
+`audit` scores a transcript) at least `pseudolabel.min_alignment`; `pseudolabel.max_clips` keeps only the most
+confident.
 
 Writes into pseudolabel.output_dir:
     pseudo.tsv                  path, text, confidence, source (file:row) of every kept clip: a manifest for
@@ -41,13 +45,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import jiwer
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf, open_dict
 
 from . import UsageError
 from .confidence import Confidence
-from .data import (REASONS, RawRow, SplitReport, _process, _read_delimited, _resolve, _Rules, load_audio,
-                   read_split, splits_of)
-from .storage import atomic_write_json, atomic_write_text
+from .model import check_model_dir
+from .audio import load_audio, to_int16
+from .pool import DecodePool, num_processes
+from .rows import REASONS, HeldOut, Rules, SplitReport, audio_digest, check_length, check_text
+from .sources import RawRow, read_records, read_split, resolve, splits_of
+from .storage import atomic_write_json, atomic_write_text, folder_lock
 from .text import Normalizer
 
 log = logging.getLogger(__name__)
@@ -58,15 +65,17 @@ REPORT = "pseudolabel_report.json"
 SUMMARY = "self_training.json"
 PSEUDO_COLUMNS = ("path", "text", "confidence", "source")
 # Drop reasons beyond prepare's, in the order they are checked.
-POOL_REASONS = ("in_labelled_split", *REASONS, "unknown_token", "low_confidence", "over_cap")
+POOL_REASONS = ("in_labelled_split", *REASONS, "unknown_token", "low_confidence", "low_alignment", "over_cap")
+SHARES = (1.0, 0.9, 0.75, 0.5, 0.25)  # the most trusted share of the labels the report scores, by each filter
 LADDER = (0.0, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)  # thresholds the report scores the labels at
+ROUND_COMMAND = "w2vbert-asr pseudolabel, self-training round"  # who holds a round folder's lock
 
 
 # --------------------------------------------------------------------------------------------- pool
-def pool_rows(cfg: DictConfig) -> Iterator[RawRow]:
+def pool_rows(cfg) -> Iterator[RawRow]:
     """The clips to label: a TSV stem of data.root, a manifest file, or a folder of audio."""
     pool = str(cfg.pseudolabel.pool)
-    root = Path(str(cfg.data.get("root") or "."))
+    root = Path(str(OmegaConf.select(cfg, "data.root") or "."))
     path = Path(pool)
     if path.is_dir():
         from .transcribe import find_audio
@@ -84,148 +93,180 @@ def pool_rows(cfg: DictConfig) -> Iterator[RawRow]:
     else:
         raise UsageError(f"pseudolabel.pool={pool}: not a TSV of data.root={root} ({root / (pool + '.tsv')}), nor a "
                          ".tsv/.csv/.jsonl manifest, nor a folder of audio")
-    if tsv.suffix == ".jsonl":
-        records = ((i, json.loads(line)) for i, line in enumerate(tsv.read_text(encoding="utf-8").splitlines(), 1)
-                   if line.strip())
-    else:
-        import csv
-
-        records = _read_delimited(tsv, "\t" if tsv.suffix == ".tsv" else ",",
-                                  csv.QUOTE_NONE if tsv.suffix == ".tsv" else csv.QUOTE_MINIMAL)
-    for line, rec in records:
+    for line, rec in read_records(tsv):
         if column not in rec:
             raise UsageError(f"{tsv}:{line}: no audio column {column!r} (set pseudolabel.audio_column); "
                              f"found {sorted(rec)}")
         audio = str(rec[column] or "")
         yield RawRow(id=Path(audio).stem or f"{tsv.stem}-{line}", sentence=str(rec.get("sentence") or ""),
-                     file=str(tsv), line=line, path=audio, base=str(base),
-                     contained=contained)
+                     file=str(tsv), line=line, path=audio, base=str(base), contained=contained)
 
 
-def labelled_paths(cfg: DictConfig) -> set[str]:
-    """Resolved audio paths of every labelled split (the configured ones, and train/dev/test of a release)."""
+def labelled_clips(cfg, rules: Rules) -> HeldOut:
+    """The clips of every labelled split (the configured ones, and train/dev/test of a release) by real path;
+    those of the evaluation splits also by decoded audio (prepare's rule: a copy under another name is the
+    same clip), decoded in data.num_proc processes."""
     data = copy.deepcopy(cfg.data)
     with open_dict(data):
         data.limit = None  # a row held back by data.limit is still a labelled clip
-    names = {s for sources in splits_of(data).values() for s in sources}
+    splits = splits_of(data)
+    names = {s for sources in splits.values() for s in sources}
+    held_out = {s for name, sources in splits.items() if name != "train" for s in sources}
     if data.source == "commonvoice":
         names |= {s for s in ("train", "dev", "test") if (Path(data.root) / f"{s}.tsv").is_file()}
-    paths = set()
-    for name in sorted(names):
-        for row in read_split(data, name):
-            if row.path:
-                resolved = _resolve(row)
-                if resolved is not None:
-                    paths.add(str(resolved))
-    return paths
+        held_out |= {"dev", "test"} & names - set(splits["train"])
+    clips = HeldOut()
+    with DecodePool(rules, num_processes(data.num_proc)) as decoder:
+        for name in sorted(names):
+            if name in held_out:
+                for row, (example, _, _) in decoder.map(read_split(data, name)):
+                    clips.add(name, row, example)
+            else:  # train: labelling its clips again is pointless, not a leak; no need to decode them
+                for row in read_split(data, name):
+                    clips.add(name, row)
+    return clips
 
 
 # --------------------------------------------------------------------------------------------- labelling
-def label_pool(cfg: DictConfig, model_dir: str | Path, output_dir: str | Path, threshold: float,
+class _Pool:
+    """What labelling a pool found: the report (counts by reason), one record per clip, the kept candidates."""
+
+    def __init__(self, normalizer: Normalizer, report_examples: int):
+        self.normalizer, self.limit = normalizer, report_examples
+        self.report, self.records, self.candidates = SplitReport(), [], []
+
+    def drop(self, row: RawRow, reason: str, detail: str, **extra) -> None:
+        self.report.skip(row, reason, detail, self.limit)
+        self.records.append({"id": row.id, "path": row.path, "source": f"{row.file}:{row.line}", "kept": False,
+                             "reason": reason, **extra, **_reference(row, self.normalizer)})
+
+    def keep(self, row: RawRow, path: Path, text: str, conf: float, duration: float, extra: dict) -> None:
+        self.candidates.append((row, path, text, conf, duration, extra))
+
+    def cap(self, max_clips: int | None) -> None:
+        """Keep only the `max_clips` most confident candidates; the others are dropped as over_cap."""
+        if max_clips is None or len(self.candidates) <= max_clips:
+            return
+        ranked = sorted(range(len(self.candidates)), key=lambda i: -self.candidates[i][3])
+        over = set(ranked[max(0, int(max_clips)):])
+        for i in sorted(over):
+            row, _, _, conf, _, extra = self.candidates[i]
+            self.drop(row, "over_cap", f"confidence {conf:.3f} is not among the {max_clips} most confident", **extra)
+        self.candidates = [c for i, c in enumerate(self.candidates) if i not in over]
+
+    def manifest(self) -> str:
+        """pseudo.tsv: the kept candidates (recorded as kept)."""
+        lines = ["\t".join(PSEUDO_COLUMNS)]
+        for row, path, text, conf, duration, extra in self.candidates:
+            self.report.kept += 1
+            self.report.seconds += duration
+            lines.append("\t".join([str(path), text, f"{conf:.4f}", f"{row.file}:{row.line}"]))
+            self.records.append({"id": row.id, "path": str(path), "source": f"{row.file}:{row.line}", "kept": True,
+                                 "reason": "", **extra, **_reference(row, self.normalizer)})
+        return "\n".join(lines) + "\n"
+
+
+def _pool_waves(cfg, pool: _Pool, rules: Rules):
+    """((row, path), wave) of every pool clip that is not labelled, exists, decodes and fits the duration
+    bounds; the others are dropped with their reason. Each clip is decoded once."""
+    labelled, sample_rate = labelled_clips(cfg, rules), rules.geometry.sample_rate
+    for row in pool_rows(cfg):
+        pool.report.rows += 1
+        path = resolve(row)
+        seen = labelled.match(row) if path is not None else ""
+        if path is None:
+            pool.drop(row, "path_escape", f"{row.path!r} points outside {row.base}")
+        elif seen:
+            pool.drop(row, "in_labelled_split", seen)
+        elif not path.is_file():
+            pool.drop(row, "missing_file", f"{path} does not exist")
+        else:
+            try:
+                wave = load_audio(path, sample_rate)
+            except Exception as e:  # any decoder error: count the clip, go on
+                pool.drop(row, "undecodable_audio", f"{path}: {type(e).__name__}: {e}")
+                continue
+            seen = labelled.match(row, audio_digest(to_int16(wave)))  # a copy of a dev or test clip
+            if seen:
+                pool.drop(row, "in_labelled_split", seen)
+                continue
+            if not cfg.data.min_duration <= len(wave) / sample_rate <= cfg.data.max_duration:
+                pool.drop(row, "duration", f"{len(wave) / sample_rate:.2f} s is outside data.min_duration..data.max_duration")
+                continue
+            yield (row, path, len(wave)), wave
+
+
+def _judge(pool: _Pool, transcripts, rules: Rules, tokenizer, threshold: float, filter_: str = "confidence",
+           min_alignment: float = float("-inf")) -> None:
+    """Each transcribed clip: kept as a candidate, or dropped for prepare's reasons, an unknown token, a
+    confidence below `threshold` or an alignment score below `min_alignment` (as pseudolabel.filter says)."""
+    vocab = {t for t in tokenizer.get_vocab() if len(t) == 1}
+    for (row, path, samples), transcript, fit in transcripts:
+        text = pool.normalizer(transcript.text)
+        conf = float(transcript.confidence if transcript.confidence is not None else 0.0)
+        extra = {"hypothesis": text, "confidence": round(conf, 4), "alignment": round(fit, 4)}
+        checked, reason, detail = check_text(transcript.text, rules.normalizer)
+        if checked is not None:
+            reason, detail = check_length(samples, checked, rules)
+        if reason:
+            pool.drop(row, reason, detail, **extra)
+        elif tokenizer.unk_token in transcript.text or (set(transcript.text) | set(text)) - vocab - {" "}:
+            pool.drop(row, "unknown_token", f"{transcript.text!r} has a token outside the vocabulary", **extra)  # [UNK], or the beam's ⁇
+        elif filter_ in ("confidence", "both") and conf < threshold:
+            pool.drop(row, "low_confidence", f"confidence {conf:.3f} < pseudolabel.threshold={threshold}", **extra)
+        elif filter_ in ("alignment", "both") and not fit >= min_alignment:
+            pool.drop(row, "low_alignment", f"alignment score {fit:.3f} < pseudolabel.min_alignment={min_alignment}",
+                      **extra)
+        else:
+            pool.keep(row, path, text, conf, samples / rules.geometry.sample_rate, extra)
+
+
+def label_pool(cfg, model_dir: str | Path, output_dir: str | Path, threshold: float,
                max_clips: int | None = None, lm_dir: str | Path | None = None) -> dict:
-    """Transcribe the pool with `model_dir` (beam search with `lm_dir`, default eval.lm), keep confident clips
-    that pass prepare's checks -> report dict."""
-    from .model import pick_device
+    """Transcribe the pool with `model_dir` (beam search with `lm_dir`, default pseudolabel.lm), keep confident
+    clips that pass prepare's checks -> report dict."""
+    from .alignment import scored_stream
+    from .devices import pick_device
     from .transcribe import Transcriber, load_model
 
     model_dir, out = Path(model_dir), Path(output_dir)
-    device = pick_device(cfg.pseudolabel.get("device", "auto"))
+    device = pick_device(cfg.pseudolabel.device)
     model, processor = load_model(model_dir, device)
     normalizer = Normalizer.load(model_dir)
-    lm_decoder, beam_width = None, 64
-    lm_dir = lm_dir or cfg.eval.get("lm")
+    lm_dir = lm_dir or cfg.pseudolabel.lm
+    search = None
     if lm_dir:
-        from .lm import lm_info, load_decoder
+        from .lm import beam_search
 
-        lm_decoder = load_decoder(processor.tokenizer, lm_dir)
-        beam_width = int(lm_info(lm_dir).get("beam_width", beam_width))
-    confidence = Confidence.from_config(cfg.get("confidence"))
+        search = beam_search(processor.tokenizer, lm_dir)
+    confidence = Confidence.from_config(cfg.confidence)
     # Whole clips: pool clips are utterances, and a clip longer than data.max_duration is dropped anyway.
     transcriber = Transcriber(model, processor, device, chunk_seconds=max(float(cfg.data.max_duration), 1.0) + 1.0,
-                              overlap_seconds=0.0, batch_size=int(cfg.pseudolabel.batch_size), lm_decoder=lm_decoder,
-                              beam_width=beam_width, confidence=confidence)
-    # prepare's rules, with CTC feasibility from the frames this model really emits
-    keys = ("add_adapter", "adapter_kernel_size", "adapter_stride", "num_adapter_layers")
-    rules = _Rules(normalizer, int(cfg.data.sampling_rate), float(cfg.data.min_duration),
-                   float(cfg.data.max_duration), {k: getattr(model.config, k) for k in keys})
-    vocab = {t for t in processor.tokenizer.get_vocab() if len(t) == 1}
-    unk = processor.tokenizer.unk_token
-    excluded = labelled_paths(cfg)
-    report, records = SplitReport(), []
-    limit = int(cfg.data.report_examples)
-    sr = int(cfg.data.sampling_rate)
-
-    def drop(row: RawRow, reason: str, detail: str, **extra) -> None:
-        report.skip(row, reason, detail, limit)
-        records.append({"id": row.id, "path": row.path, "source": f"{row.file}:{row.line}", "kept": False,
-                        "reason": reason, **extra, **_reference(row, normalizer)})
-
-    def waves():
-        for row in pool_rows(cfg):
-            report.rows += 1
-            path = _resolve(row)
-            if path is None:
-                drop(row, "path_escape", f"{row.path!r} points outside {row.base}")
-            elif str(path) in excluded:
-                drop(row, "in_labelled_split", f"{path} is in a labelled split")
-            elif not path.is_file():
-                drop(row, "missing_file", f"{path} does not exist")
-            else:
-                try:
-                    wave = load_audio(path, sr)
-                except Exception as e:  # any decoder error: count the clip, go on
-                    drop(row, "undecodable_audio", f"{path}: {type(e).__name__}: {e}")
-                    continue
-                if not cfg.data.min_duration <= len(wave) / sr <= cfg.data.max_duration:
-                    drop(row, "duration", f"{len(wave) / sr:.2f} s is outside data.min_duration..data.max_duration")
-                    continue
-                yield (row, path), wave
-
+                              overlap_seconds=0.0, batch_size=int(cfg.pseudolabel.batch_size), beam_search=search,
+                              confidence=confidence)
+    rules = Rules.from_config(cfg, normalizer, transcriber.geometry)  # CTC feasibility of this model's frames
+    pool = _Pool(normalizer, int(cfg.data.report_examples))
     start = time.perf_counter()
-    candidates = []
-    for (row, path), transcript in transcriber.stream(waves()):
-        text = normalizer(transcript.text)
-        conf = float(transcript.confidence if transcript.confidence is not None else 0.0)
-        extra = {"hypothesis": text, "confidence": round(conf, 4)}
-        checked = RawRow(id=row.id, sentence=transcript.text, file=row.file, line=row.line, path=str(path), base=None)
-        example, reason, detail = _process(checked, rules)
-        if example is None:
-            drop(row, reason, detail, **extra)
-        elif unk in transcript.text or (set(transcript.text) | set(text)) - vocab - {" "}:  # [UNK], or the beam's ⁇
-            drop(row, "unknown_token", f"{transcript.text!r} has a token outside the vocabulary", **extra)
-        elif conf < threshold:
-            drop(row, "low_confidence", f"confidence {conf:.3f} < pseudolabel.threshold={threshold}", **extra)
-        else:
-            candidates.append((row, path, text, conf, example["duration"], extra))
-    if max_clips is not None and len(candidates) > max_clips:
-        ranked = sorted(range(len(candidates)), key=lambda i: -candidates[i][3])
-        over = set(ranked[max(0, int(max_clips)):])
-        for i in sorted(over):
-            row, _, _, conf, _, extra = candidates[i]
-            drop(row, "over_cap", f"confidence {conf:.3f} is not among the {max_clips} most confident", **extra)
-        candidates = [c for i, c in enumerate(candidates) if i not in over]
-    lines = ["\t".join(PSEUDO_COLUMNS)]
-    for row, path, text, conf, duration, extra in candidates:
-        report.kept += 1
-        report.seconds += duration
-        lines.append("\t".join([str(path), text, f"{conf:.4f}", f"{row.file}:{row.line}"]))
-        records.append({"id": row.id, "path": str(path), "source": f"{row.file}:{row.line}", "kept": True,
-                        "reason": "", **extra, **_reference(row, normalizer)})
-    if report.rows == 0:
+    pcfg = cfg.pseudolabel
+    _judge(pool, scored_stream(transcriber, _pool_waves(cfg, pool, rules), normalizer), rules, processor.tokenizer,
+           threshold, pcfg.filter, float(pcfg.min_alignment))
+    pool.cap(max_clips)
+    if pool.report.rows == 0:
         raise UsageError(f"pseudolabel.pool={cfg.pseudolabel.pool} has no rows: nothing to label")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / PSEUDO, "\n".join(lines) + "\n")
-    atomic_write_text(out / POOL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(out / PSEUDO, pool.manifest())
+    atomic_write_text(out / POOL, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in pool.records))
+    report = pool.report
     summary = {"pool": str(cfg.pseudolabel.pool), "model": str(model_dir), "threshold": threshold,
-               "max_clips": max_clips, "decoding": "beam+lm" if lm_decoder else "greedy",
+               "filter": str(pcfg.filter), "min_alignment": float(pcfg.min_alignment),
+               "max_clips": max_clips, "decoding": "beam+lm" if search else "greedy",
                "confidence": confidence.to_dict(), **report.to_dict(),
                "kept_share": report.kept / report.rows, "seconds": round(time.perf_counter() - start, 1),
-               "manifest": str(out / PSEUDO)}
-    summary.update(label_quality(records))
+               "manifest": str(out / PSEUDO), **label_quality(pool.records)}
     atomic_write_json(out / REPORT, summary)
     dropped = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items(), key=lambda kv: POOL_REASONS.index(kv[0])))
     print(f"pseudolabel: kept {report.kept} of {report.rows} pool clips ({100 * summary['kept_share']:.1f} %, "
-          f"{report.seconds / 3600:.3f} h) at confidence >= {threshold}; dropped: {dropped or 'none'} -> {out / PSEUDO}")
+          f"{report.seconds / 3600:.3f} h) by {pcfg.filter}; dropped: {dropped or 'none'} -> {out / PSEUDO}")
     if "kept_cer" in summary:
         print(f"pseudolabel: CER of the kept labels against the pool's own sentences {100 * summary['kept_cer']:.2f} %")
     return summary
@@ -254,11 +295,26 @@ def label_quality(records: list[dict]) -> dict:
                            "cer": jiwer.cer([r["reference"] for r in sel], [r["hypothesis"] for r in sel]),
                            "wer": jiwer.wer([r["reference"] for r in sel], [r["hypothesis"] for r in sel])})
     out["ladder"] = ladder
+    out["by_share"] = _by_share([r for r in scored if "alignment" in r])
     return out
 
 
+def _by_share(scored: list[dict]) -> list[dict]:
+    """CER of the most trusted SHARES of the labels, trusted by confidence and by alignment score: which filter
+    keeps the cleaner labels at the same fraction kept."""
+    rows = []
+    for share in SHARES if scored else ():
+        row = {"share": share}
+        for key in ("confidence", "alignment"):
+            top = sorted(scored, key=lambda r: -r[key])[: max(1, round(share * len(scored)))]
+            row[f"cer_by_{key}"] = jiwer.cer([r["reference"] for r in top], [r["hypothesis"] for r in top])
+            row[f"{key}_threshold"] = top[-1][key]
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------- rounds
-def _round_config(cfg: DictConfig, output_dir: Path, extra: list[str], init_from: str | None) -> DictConfig:
+def _round_config(cfg, output_dir: Path, extra: list[str], init_from: str | None):
     """cfg for one round: its own output_dir; the data config resolved first (a recipe may derive data.root
     from output_dir), pseudo-labels as extra train manifests, and the starting weights."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -274,16 +330,16 @@ def _round_config(cfg: DictConfig, output_dir: Path, extra: list[str], init_from
     return new
 
 
-def _results(run: Path, cfg: DictConfig) -> dict:
+def _results(run: Path, cfg) -> dict:
     metrics = json.loads((run / "metrics.json").read_text()).get("splits", {})
     return {s: {k: metrics[s][k] for k in ("wer", "cer", "utterances")} for s in
             (cfg.data.eval_split, cfg.data.test_split) if s in metrics}
 
 
-def _compare_rounds(cfg: DictConfig, out: Path, rounds: int) -> str | None:
+def _compare_rounds(cfg, out: Path, rounds: int) -> str | None:
     """`compare` over the rounds' test predictions (95 % intervals, paired verdicts) into out/compare, so
     one command says whether a round really beat the supervised model. -> that folder, or None."""
-    from .report import compare
+    from .compare import compare
 
     runs = [out / f"round{i}" for i in range(rounds)]
     split = cfg.data.test_split
@@ -298,38 +354,40 @@ def _compare_rounds(cfg: DictConfig, out: Path, rounds: int) -> str | None:
     return str(out / "compare")
 
 
-def self_train(cfg: DictConfig) -> dict:
+def self_train(cfg) -> dict:
     """Round 0 (labelled only), then one pseudo-label + train round per self_training.thresholds entry."""
     from .train import train
 
     st = cfg.self_training
     out = Path(cfg.output_dir)
     base = out / "round0"
-    if (base / "model" / "config.json").is_file() and (base / "metrics.json").is_file():
-        print(f"round 0: keeping the supervised model in {base / 'model'}")
-    else:
-        train(_round_config(cfg, base, [], None))
-    labelled = json.loads((base / "prepare_report.json").read_text())["splits"]["train"]["kept"]
-    lm_dir = None
-    if st.get("lm"):  # an n-gram of the labelled transcripts only: the pool's text never leaks in
-        from .lm import build_lm
+    with folder_lock(base, "output_dir", f"{ROUND_COMMAND} 0"):  # each round's folder, like `train`'s
+        if (base / "model" / "config.json").is_file() and (base / "metrics.json").is_file():
+            print(f"round 0: keeping the supervised model in {base / 'model'}")
+        else:
+            train(_round_config(cfg, base, [], None))
+        labelled = json.loads((base / "prepare_report.json").read_text())["splits"]["train"]["kept"]
+        lm_dir = None
+        if st.lm:  # an n-gram of the labelled transcripts only: the pool's text never leaks in
+            from .lm import build_lm
 
-        lm_dir = build_lm(_round_config(cfg, base, [], None))["output_dir"]
+            lm_dir = build_lm(_round_config(cfg, base, [], None))["output_dir"]
     rounds = [{"round": 0, "threshold": None, "pseudo_labels": 0, "labelled": labelled, **_results(base, cfg)}]
     previous = base / "model"
     for i, threshold in enumerate(st.thresholds, 1):
         run = out / f"round{i}"
-        cap = int(st.max_ratio * labelled) if st.get("max_ratio") is not None else cfg.pseudolabel.get("max_clips")
-        labels = label_pool(cfg, previous, run / "pseudo", float(threshold), cap, lm_dir)
-        if labels["kept"] == 0:
-            log.warning("round %d: no pool clip reached confidence %s; stopping", i, threshold)
-            break
-        train(_round_config(cfg, run, [labels["manifest"]], None if st.restart else str(previous)))
+        cap = int(st.max_ratio * labelled) if st.max_ratio is not None else cfg.pseudolabel.max_clips
+        with folder_lock(run, "output_dir", f"{ROUND_COMMAND} {i}"):
+            labels = label_pool(cfg, previous, run / "pseudo", float(threshold), cap, lm_dir)
+            if labels["kept"] == 0:
+                log.warning("round %d: no pool clip reached confidence %s; stopping", i, threshold)
+                break
+            train(_round_config(cfg, run, [labels["manifest"]], None if st.restart else str(previous)))
         rounds.append({"round": i, "threshold": float(threshold), "pseudo_labels": labels["kept"],
                        "kept_share": labels["kept_share"], "kept_cer": labels.get("kept_cer"), "labelled": labelled,
                        **_results(run, cfg)})
         previous = run / "model"
-    summary = {"restart": bool(st.restart), "max_ratio": st.get("max_ratio"), "lm": lm_dir, "rounds": rounds,
+    summary = {"restart": bool(st.restart), "max_ratio": st.max_ratio, "lm": lm_dir, "rounds": rounds,
                "comparison": _compare_rounds(cfg, out, len(rounds))}
     atomic_write_json(out / SUMMARY, summary)
     test = cfg.data.test_split
@@ -343,14 +401,12 @@ def self_train(cfg: DictConfig) -> dict:
     return summary
 
 
-def pseudolabel(cfg: DictConfig) -> dict:
+def pseudolabel(cfg) -> dict:
     """`w2vbert-asr pseudolabel`: label the pool with model_dir; with self_training.thresholds, run the rounds."""
     if cfg.self_training.thresholds:
         return self_train(cfg)
-    model_dir = Path(cfg.model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise UsageError(f"{model_dir} is not a model folder (no config.json); pass model=<trained model dir>")
-    max_clips = cfg.pseudolabel.get("max_clips")
+    model_dir = check_model_dir(cfg.model_dir, "pseudolabel")
+    max_clips = cfg.pseudolabel.max_clips
     return label_pool(cfg, model_dir, cfg.pseudolabel.output_dir, float(cfg.pseudolabel.threshold),
                       int(max_clips) if max_clips is not None else None)
 

@@ -34,16 +34,6 @@ def redact_tree(tree):
     return redact_text(tree) if isinstance(tree, str) else tree
 
 
-def secret_keys(tree, prefix: str = "") -> list[str]:
-    """Dotted paths of the set values under secret keys in a plain dict/list tree."""
-    if isinstance(tree, dict):
-        return [k for key, v in tree.items()
-                for k in ([f"{prefix}{key}"] if is_secret_key(key) and v is not None else secret_keys(v, f"{prefix}{key}."))]
-    if isinstance(tree, list):
-        return [k for i, v in enumerate(tree) for k in secret_keys(v, f"{prefix}{i}.")]
-    return []
-
-
 def redact_arg(arg: str) -> str:
     """One command-line argument: `key=value` with a secret key keeps only its key."""
     key, eq, _ = arg.partition("=")

@@ -1,17 +1,21 @@
 """Writing files so that nothing half-written is ever trusted, and a full disk is named, not a traceback.
 
 Every file the toolkit writes for later reading goes through `atomic_write_text` / `atomic_write_json`
-(a temporary sibling renamed into place: a kill leaves the old file or the new one, never a mix).
+(a temporary sibling renamed into place: a kill leaves the old file or the new one, never a mix), and
+every folder (a checkpoint, model/, an LM) through `atomic_dir` (built as `<name>.tmp`, renamed over the
+old one only when complete).
 `disk_full_guard` turns the many shapes a full disk takes (`OSError: [Errno 28]`, torch's
 `RuntimeError ... unexpected pos`, `basic_ios::clear`) into one `error:` line with the free space,
 the folder and what to do, after removing our temporary files. `folder_lock` keeps two commands from
-writing into one folder at once.
+writing into one folder at once. `file_stamp` / `stamp_changed` tell whether a file still holds what was
+recorded of it (the ONNX export's record of the weights it was made from).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -50,6 +54,42 @@ def atomic_write_json(path: str | Path, obj, **kwargs) -> Path:
     kwargs.setdefault("indent", 2)
     kwargs.setdefault("default", str)
     return atomic_write_text(path, json.dumps(obj, **kwargs))
+
+
+@contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Build a folder in `<final>.tmp` (emptied first) and rename it over `final` only when the block
+    completes; on an error (or a kill) the old `final` is untouched and the .tmp is removed (or left for
+    the next call to clear). -> the .tmp folder to write into."""
+    final = Path(final)
+    tmp = fresh_dir(final.with_name(final.name + ".tmp"))
+    try:
+        yield tmp
+    except BaseException:
+        remove_paths([tmp])
+        raise
+    replace_dir(tmp, final)
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty folder at `path` (whatever was there is removed)."""
+    path = Path(path)
+    remove_paths([path])
+    path.mkdir(parents=True)
+    return path
+
+
+def replace_dir(tmp: str | Path, final: str | Path) -> Path:
+    """Swap the complete folder `tmp` into `final`. The old `final` is first renamed aside, so at every
+    moment either it or the new folder is complete under some name, never a half-deleted tree."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(final.name + ".old")
+    remove_paths([old])
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    remove_paths([old])
+    return final
 
 
 def free_bytes(folder: str | Path) -> int:
@@ -108,6 +148,36 @@ def disk_full_guard(folder: str | Path, cleanup: Iterable[str | Path] = (), advi
             raise UsageError(f"disk full while writing {folder} ({free} free); temporary files removed. "
                              f"Free some space or choose another folder{'; ' + advice if advice else ''}") from e
         raise
+
+
+# --------------------------------------------------------------------------------------------- file stamps
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_stamp(path: str | Path) -> dict:
+    """{"bytes", "mtime_ns", "sha256"} of a file, for `stamp_changed` to compare later."""
+    st = os.stat(path)
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def stamp_changed(path: str | Path, stamp: dict) -> str:
+    """"" when `path` still holds what `stamp` recorded, else what differs: "missing", "size" or "content".
+    Size and modification time are compared first and the file is hashed only when its time differs (a
+    copy, a touch), so checking a multi-GB file costs one stat until something rewrote it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    if st.st_size != stamp.get("bytes"):
+        return "size"
+    if st.st_mtime_ns == stamp.get("mtime_ns"):
+        return ""
+    return "" if sha256_file(path) == stamp.get("sha256") else "content"
 
 
 # --------------------------------------------------------------------------------------------- folder lock

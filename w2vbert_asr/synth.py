@@ -14,16 +14,10 @@ Usage:
 
 from __future__ import annotations
 
-import _ctypes
 import argparse
-import atexit
-import ctypes
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -33,6 +27,9 @@ import espeakng_loader
 import numpy as np
 import soundfile as sf
 import soxr
+
+from .espeak import VOICE_DIRECTIVE, speak
+from .plant import FAULTS_FILE, plan_faults, write_faults
 
 # --- Common Voice layout --------------------------------------------------------------------
 CV_SAMPLE_RATE = 48_000  # Common Voice ships 48 kHz MP3
@@ -49,7 +46,6 @@ CLIP_ID_BASE = 30_000_000  # CV clip ids are ~8-digit integers
 AGES = ("", "teens", "twenties", "thirties", "fourties", "fifties")  # CV's own spelling
 
 WORDLIST_DIR = Path(__file__).with_name("wordlists")
-VOICE_DIRECTIVE = "# voice:"  # optional word-list header when espeak's voice name != CV locale
 
 # --- Speaker / clip variation (per speaker, then small per-clip jitter) ---------------------
 # espeak variants (voices/!v files; None = the language's default voice). Variants with a
@@ -76,105 +72,6 @@ QUOTES = (("«", "»"), ("“", "”"), ("„", "“"))
 END_PUNCT = (".", "?", "!", "")
 END_PUNCT_P = (0.55, 0.15, 0.1, 0.2)
 
-# --- libespeak-ng constants (speak_lib.h) ---------------------------------------------------
-_AUDIO_OUTPUT_SYNCHRONOUS = 2
-_INITIALIZE_DONT_EXIT = 0x8000  # return errors instead of exit()ing the Python process
-_CHARS_UTF8 = 1
-_POS_CHARACTER = 1
-_PARAM_RATE, _PARAM_PITCH, _PARAM_RANGE, _PARAM_PUNCTUATION = 1, 3, 4, 5
-_EE_OK = 0
-_SynthCallback = ctypes.CFUNCTYPE(
-    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
-)
-
-# espeak-ng keeps its state in C globals, some never reset (e.g. the pitch-flutter phase), so
-# its audio depends on everything synthesised before in the same library instance. For
-# reproducible audio every utterance gets a fresh instance: dlopen a private copy of the
-# library, synthesise, dlclose (unloads it; ~0.5 ms). One lock serialises all of it (one
-# instance at a time, one shared PCM buffer).
-_LOCK = threading.Lock()
-_CHUNKS: list[np.ndarray] = []
-_PRIVATE_COPY: dict[int, str] = {}  # pid -> path of this process's copy of the library
-_unload = getattr(_ctypes, "dlclose", None) or _ctypes.FreeLibrary  # POSIX / Windows
-
-
-@_SynthCallback
-def _on_audio(wav, num_samples, _events):
-    """Called by espeak (synchronously, inside espeak_Synth) with int16 PCM chunks."""
-    if num_samples > 0 and wav:
-        _CHUNKS.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
-    return 0  # 0 = keep synthesising
-
-
-def _private_library() -> str:
-    """Path of a per-process copy of libespeak-ng: a path nobody else dlopens, so dlclose
-    really unloads it and the next dlopen starts from pristine C globals."""
-    path = _PRIVATE_COPY.get(os.getpid())
-    if path is None:
-        tmp = tempfile.mkdtemp(prefix="w2vbert_asr_espeak_")
-        atexit.register(shutil.rmtree, tmp, True)
-        src = espeakng_loader.get_library_path()
-        path = _PRIVATE_COPY[os.getpid()] = shutil.copy(src, Path(tmp) / Path(src).name)
-    return path
-
-
-def _synthesize_pcm(text: str, voice: str, variant: str | None, rate: int, pitch: int,
-                    pitch_range: int) -> tuple[np.ndarray, int]:
-    """`text` -> (int16 PCM `(T,)`, espeak sample rate) from a freshly loaded espeak-ng."""
-    data = espeakng_loader.get_data_path()
-    if variant and not (Path(data) / "voices" / "!v" / variant).is_file():
-        raise ValueError(f"espeak-ng has no voice variant {variant!r}; see {data}/voices/!v")
-    encoded = text.encode("utf-8") + b"\0"
-    with _LOCK:
-        lib = ctypes.CDLL(_private_library())
-        sample_rate = 0
-        try:
-            lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-            lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-            lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
-            lib.espeak_Synth.argtypes = [
-                ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
-            ]
-            sample_rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, data.encode(), _INITIALIZE_DONT_EXIT)
-            if sample_rate <= 0:
-                raise RuntimeError(f"espeak_Initialize failed (data path {data}); reinstall espeakng-loader")
-            lib.espeak_SetSynthCallback(_on_audio)
-            err = lib.espeak_SetVoiceByName(f"{voice}+{variant}".encode() if variant else voice.encode())
-            if err != _EE_OK:
-                raise ValueError(
-                    f"espeak-ng has no voice {voice!r} (error {err}); see the voices under "
-                    f"{data}/lang, or set '{VOICE_DIRECTIVE} <name>' in the word list"
-                )
-            for param, value in ((_PARAM_RATE, rate), (_PARAM_PITCH, pitch),
-                                 (_PARAM_RANGE, pitch_range), (_PARAM_PUNCTUATION, 0)):
-                lib.espeak_SetParameter(param, int(value), 0)
-            _CHUNKS.clear()
-            err = lib.espeak_Synth(encoded, len(encoded), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
-            lib.espeak_Synchronize()
-            pcm = np.concatenate(_CHUNKS) if _CHUNKS else np.zeros(0, np.int16)
-        finally:
-            _CHUNKS.clear()
-            if sample_rate > 0:
-                lib.espeak_Terminate()
-            _unload(lib._handle)
-    if err != _EE_OK or pcm.size == 0:
-        raise RuntimeError(f"espeak-ng produced no audio for {text!r} with voice {voice!r} (error {err})")
-    return pcm, sample_rate
-
-
-def speak(
-    text: str, lang: str, voice_variant: str | None = None, rate: int = 175, pitch: int = 50,
-    pitch_range: int = 50,
-) -> tuple[np.ndarray, int]:
-    """Synthesise `text` with espeak-ng voice `lang` (optionally `+variant`, e.g. "m3", "f1").
-
-    Returns (audio `(T,)` float32 in [-1, 1], espeak's sample rate, 22050 Hz).
-    Thread-safe and reproducible (the same arguments give the same samples) for the
-    `VOICE_VARIANTS`; "breath" variants such as "f2" work but are not reproducible.
-    """
-    pcm, sample_rate = _synthesize_pcm(text, lang, voice_variant, rate, pitch, pitch_range)
-    return pcm.astype(np.float32) / 32768.0, sample_rate
 
 
 # --- Word lists -----------------------------------------------------------------------------
@@ -314,10 +211,62 @@ def _plan_speakers(rng: np.random.Generator, lang: str, seed: int, clip_counts: 
     return speakers
 
 
+def _plan_clips(rng: np.random.Generator, pool_rng: np.random.Generator, speakers: list[list[dict]],
+                clip_counts: list[int], words: Sequence[str], words_per_sentence: tuple[int, int],
+                num_unlabelled: int) -> list[tuple[str, dict, str, str]]:
+    """(split, speaker, written, spoken) per clip, in clip order: every speaker of a split gets a clip, then
+    random ones; the unlabelled pool (spoken by the first non-empty split's speakers) comes last, planned on
+    its own stream so that adding a pool never changes the labelled splits."""
+    plan = []
+    for split, count, group in zip(SPLITS, clip_counts, speakers):
+        for j in range(count):
+            spk = group[j] if j < len(group) else group[int(rng.integers(len(group)))]
+            plan.append((split, spk, *make_sentence(rng, words, words_per_sentence)))
+    voices = next(g for g in speakers if g)
+    for _ in range(num_unlabelled):
+        plan.append((UNLABELLED, voices[int(pool_rng.integers(len(voices)))],
+                     *make_sentence(pool_rng, words, words_per_sentence)))
+    return plan
+
+
+def _write_tsvs(out: Path, rows: dict[str, list[dict]], durations: list[dict]) -> None:
+    """The release's TSVs: one per split and the pool, validated.tsv (their union), the empty ones, durations."""
+    for split in (*SPLITS, UNLABELLED):
+        write_tsv(out / f"{split}.tsv", rows[split])
+    write_tsv(out / "validated.tsv", [r for s in SPLITS for r in rows[s]])
+    for name in EMPTY_TSVS:
+        write_tsv(out / name, [])
+    write_tsv(out / "clip_durations.tsv", durations, columns=("clip", "duration[ms]"))
+
+
+def _write_clips(out: Path, lang: str, seed: int, voice: str, plan: list, faults: dict) -> tuple[dict, dict, list]:
+    """Speak and write every planned clip (a planted fault changes its text, voice or speech) -> (TSV rows per
+    split, seconds per split, clip_durations rows)."""
+    rows: dict[str, list[dict]] = {s: [] for s in (*SPLITS, UNLABELLED)}
+    seconds = {s: 0.0 for s in (*SPLITS, UNLABELLED)}
+    durations = []
+    for clip_index, (split, spk, written, spoken) in enumerate(plan):
+        # Per-clip stream: audio variation never shifts the planning stream above.
+        clip_rng = np.random.default_rng([seed, clip_index])
+        rate = spk["rate"] + int(clip_rng.integers(-RATE_JITTER_WPM, RATE_JITTER_WPM + 1))
+        fault = faults.get(clip_index)
+        written, spoken, clip_voice = fault.text(written, spoken, voice) if fault else (written, spoken, voice)
+        audio, sr = speak(spoken, clip_voice, spk["variant"], rate, spk["pitch"], spk["range"])
+        audio = fault.audio(audio) if fault else audio
+        name = f"common_voice_{lang}_{CLIP_ID_BASE + clip_index}.mp3"
+        if fault:
+            fault.record = {"path": name, "split": split, "sentence": written, "spoken": spoken}
+        dur = write_clip(out / "clips" / name, finish_audio(clip_rng, audio, sr))
+        seconds[split] += dur
+        durations.append({"clip": name, "duration[ms]": str(round(dur * 1000))})
+        rows[split].append(make_row(spk["client_id"], name, written, lang, spk["age"], spk["gender"]))
+    return rows, seconds, durations
+
+
 def synthesize_corpus(
     out_dir: str | os.PathLike, lang: str, num_clips: int = 300, seed: int = 0,
     split_fractions: Sequence[float] = (0.8, 0.1, 0.1), words_per_sentence: tuple[int, int] = (2, 5),
-    num_unlabelled: int = 0,
+    num_unlabelled: int = 0, faulty_fraction: float = 0.0,
 ) -> dict:
     """Write a Common Voice release layout for `lang` under `out_dir`.
 
@@ -327,11 +276,10 @@ def synthesize_corpus(
     the train split's speakers from the same word list, planned on their own random stream, so the
     labelled splits are identical with or without a pool. As in real releases, other.tsv carries the
     prompted sentence; pseudo-labelling never reads it, so it is the pool's hidden true text.
-    TSVs use `CV_COLUMNS`, tab-separated, sentences written raw (no csv quoting).
-    Same seed -> identical TSVs and (with the same espeak-ng/LAME builds) identical MP3s.
-
-    Returns {"lang", "out_dir", "counts": {split: clips}, "speakers": {split: n},
-    "hours": total, "split_hours": {split: h}}.
+    `faulty_fraction` of the labelled clips get a planted fault, listed in planted_faults.tsv (plant.py).
+    TSVs use `CV_COLUMNS`, tab-separated, sentences written raw (no csv quoting). Same seed -> identical
+    TSVs and (with the same espeak-ng/LAME builds) identical MP3s.
+    Returns {"lang", "out_dir", "counts": {split: clips}, "speakers": {split: n}, "hours", "split_hours"}.
     """
     if len(split_fractions) != len(SPLITS) or min(split_fractions) < 0 or abs(sum(split_fractions) - 1) > 1e-6:
         raise ValueError(f"split_fractions must be 3 non-negative numbers summing to 1 (train, dev, test), got {split_fractions}")
@@ -348,36 +296,14 @@ def synthesize_corpus(
     clip_counts = _split_counts(num_clips, split_fractions)
     speakers = _plan_speakers(rng, lang, seed, clip_counts)
 
-    plan = []  # (split, speaker, written, spoken), in clip order
-    for split, count, group in zip(SPLITS, clip_counts, speakers):
-        for j in range(count):  # every speaker gets a clip, then random ones
-            spk = group[j] if j < len(group) else group[int(rng.integers(len(group)))]
-            plan.append((split, spk, *make_sentence(rng, words, (lo, hi))))
-    pool_rng = np.random.default_rng([seed, POOL_STREAM])
-    voices = next(g for g in speakers if g)  # the train speakers (or the first split that has any)
-    for _ in range(num_unlabelled):
-        plan.append((UNLABELLED, voices[int(pool_rng.integers(len(voices)))], *make_sentence(pool_rng, words, (lo, hi))))
-
-    rows: dict[str, list[dict]] = {s: [] for s in (*SPLITS, UNLABELLED)}
-    seconds = {s: 0.0 for s in (*SPLITS, UNLABELLED)}
-    durations = []
-    for clip_index, (split, spk, written, spoken) in enumerate(plan):
-        # Per-clip stream: audio variation never shifts the planning stream above.
-        clip_rng = np.random.default_rng([seed, clip_index])
-        rate = spk["rate"] + int(clip_rng.integers(-RATE_JITTER_WPM, RATE_JITTER_WPM + 1))
-        audio, sr = speak(spoken, voice, spk["variant"], rate, spk["pitch"], spk["range"])
-        name = f"common_voice_{lang}_{CLIP_ID_BASE + clip_index}.mp3"
-        dur = write_clip(out / "clips" / name, finish_audio(clip_rng, audio, sr))
-        seconds[split] += dur
-        durations.append({"clip": name, "duration[ms]": str(round(dur * 1000))})
-        rows[split].append(make_row(spk["client_id"], name, written, lang, spk["age"], spk["gender"]))
-
-    for split in (*SPLITS, UNLABELLED):
-        write_tsv(out / f"{split}.tsv", rows[split])
-    write_tsv(out / "validated.tsv", [r for s in SPLITS for r in rows[s]])
-    for name in EMPTY_TSVS:
-        write_tsv(out / name, [])
-    write_tsv(out / "clip_durations.tsv", durations, columns=("clip", "duration[ms]"))
+    plan = _plan_clips(rng, np.random.default_rng([seed, POOL_STREAM]), speakers, clip_counts, words, (lo, hi),
+                       num_unlabelled)
+    faults = plan_faults(seed, [p[0] for p in plan], faulty_fraction, SPLITS, words,
+                         lambda r, w: make_sentence(r, w, (lo, hi)),
+                         lambda: {c: load_words(c) for c in available_languages() if c != lang})
+    rows, seconds, durations = _write_clips(out, lang, seed, voice, plan, faults)
+    _write_tsvs(out, rows, durations)
+    write_faults(out / FAULTS_FILE, faults) if faults else (out / FAULTS_FILE).unlink(missing_ok=True)
     return {
         "lang": lang, "out_dir": str(out),
         "counts": {s: len(rows[s]) for s in SPLITS},
@@ -385,8 +311,28 @@ def synthesize_corpus(
         "unlabelled": len(rows[UNLABELLED]),
         "hours": sum(seconds[s] for s in SPLITS) / 3600,
         "split_hours": {s: seconds[s] / 3600 for s in SPLITS},
-        "unlabelled_hours": seconds[UNLABELLED] / 3600,
+        "unlabelled_hours": seconds[UNLABELLED] / 3600, "faults": len(faults),
     }
+
+
+def synth(cfg) -> dict:
+    """`w2vbert-asr synth recipe=demo`: the corpus for cfg.lang into cfg.synth.output_dir (default data.root)."""
+    out = Path(cfg.synth.output_dir)
+    if (out / "train.tsv").is_file() and not cfg.synth.overwrite:
+        print(f"{out} already holds a release; keeping it (synth.overwrite=true to write it again)")
+        return {"out_dir": str(out), "skipped": True}
+    if cfg.lang not in available_languages():
+        from . import UsageError
+
+        raise UsageError(f"no word list for lang={cfg.lang!r}; synthetic corpora exist for "
+                         f"{', '.join(available_languages())} (add w2vbert_asr/wordlists/<lang>.txt for more)")
+    summary = synthesize_corpus(out, cfg.lang, num_clips=cfg.synth.num_clips, seed=cfg.seed,
+                                num_unlabelled=int(cfg.synth.num_unlabelled),
+                                faulty_fraction=float(cfg.synth.faulty_fraction))
+    pool = f" + {summary['unlabelled']} unlabelled in {UNLABELLED}.tsv" if summary["unlabelled"] else ""
+    pool += f"; {summary['faults']} planted faults listed in {out / FAULTS_FILE}" if summary["faults"] else ""
+    print(f"wrote {sum(summary['counts'].values())} clips ({summary['hours']:.2f} h) to {out}: {summary['counts']}{pool}")
+    return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -396,6 +342,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--num-clips", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-unlabelled", type=int, default=0, help="clips in other.tsv (the unlabelled pool)")
+    parser.add_argument("--faulty-fraction", type=float, default=0.0,
+                        help="share of labelled clips given a planted fault (planted_faults.tsv; plant.py)")
     parser.add_argument("--list", action="store_true", help="print the languages with a word list")
     args = parser.parse_args(argv)
     if args.list:
@@ -404,28 +352,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (args.lang and args.out):
         parser.error("--lang and --out are required (or use --list)")
     start = time.perf_counter()
-    summary = synthesize_corpus(args.out, args.lang, args.num_clips, args.seed, num_unlabelled=args.num_unlabelled)
+    summary = synthesize_corpus(args.out, args.lang, args.num_clips, args.seed, num_unlabelled=args.num_unlabelled,
+                                faulty_fraction=args.faulty_fraction)
     summary["seconds_taken"] = round(time.perf_counter() - start, 2)
     print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
     main()
-
-
-def synth(cfg) -> dict:
-    """`w2vbert-asr synth recipe=demo`: the corpus for cfg.lang into cfg.synth.output_dir (default data.root)."""
-    out = Path(cfg.synth.output_dir)
-    if (out / "train.tsv").is_file() and not cfg.synth.get("overwrite", False):
-        print(f"{out} already holds a release; keeping it (synth.overwrite=true to write it again)")
-        return {"out_dir": str(out), "skipped": True}
-    if cfg.lang not in available_languages():
-        from . import UsageError
-
-        raise UsageError(f"no word list for lang={cfg.lang!r}; synthetic corpora exist for "
-                         f"{', '.join(available_languages())} (add w2vbert_asr/wordlists/<lang>.txt for more)")
-    summary = synthesize_corpus(out, cfg.lang, num_clips=cfg.synth.num_clips, seed=cfg.seed,
-                                num_unlabelled=int(cfg.synth.get("num_unlabelled") or 0))
-    pool = f" + {summary['unlabelled']} unlabelled in {UNLABELLED}.tsv" if summary["unlabelled"] else ""
-    print(f"wrote {sum(summary['counts'].values())} clips ({summary['hours']:.2f} h) to {out}: {summary['counts']}{pool}")
-    return summary

@@ -80,8 +80,22 @@ def make_faulty_release(root: str | os.PathLike, lang: str = "sw", num_clips: in
         synth.write_clip(clips / name, audio, **mp3)
         return name
 
-    prefix = f"common_voice_{lang}_faulty"
-    rows: dict[str, list[tuple[str, str]]] = {s: [] for s in synth.SPLITS}  # split -> (path, sentence)
+    rows = _faulty_rows(f"common_voice_{lang}_faulty", words, rng, sentence, speech, clip, clips)
+    for k, split in enumerate(synth.SPLITS):
+        client = synth.client_id(lang, seed, FAULTY_SPEAKER_BASE + k)
+        tsv_rows = [synth.make_row(client, path, text, lang) for path, text in rows[split]]
+        synth.write_tsv(root / f"{split}.tsv", tsv_rows, append=True)
+        synth.write_tsv(root / "validated.tsv", tsv_rows, append=True)
+
+    return {"missing_file": 1, "undecodable_audio": 1, "empty_text": 1, "path_escape": 1,
+            "duration": 2, "transcript_too_long": 1}
+
+
+def _faulty_rows(prefix: str, words: list[str], rng: np.random.Generator, sentence, speech, clip,
+                 clips: Path) -> dict[str, list[tuple[str, str]]]:
+    """split -> (path, sentence) of the injected rows; writes their clips. sentence() -> (written, spoken);
+    speech(spoken) -> 48 kHz audio; clip(name, audio, **mp3) writes one clip; all draw from `rng`."""
+    rows: dict[str, list[tuple[str, str]]] = {s: [] for s in synth.SPLITS}
 
     written, spoken = sentence()
     rows["train"].append((clip(f"{prefix}_empty_text.mp3", speech(spoken)), EMPTY_SENTENCE))
@@ -112,15 +126,7 @@ def make_faulty_release(root: str | os.PathLike, lang: str = "sw", num_clips: in
     written, _ = sentence()
     (clips / f"{prefix}_undecodable.mp3").write_bytes(UNDECODABLE_BYTES)
     rows["test"].append((f"{prefix}_undecodable.mp3", written))
-
-    for k, split in enumerate(synth.SPLITS):
-        client = synth.client_id(lang, seed, FAULTY_SPEAKER_BASE + k)
-        tsv_rows = [synth.make_row(client, path, text, lang) for path, text in rows[split]]
-        synth.write_tsv(root / f"{split}.tsv", tsv_rows, append=True)
-        synth.write_tsv(root / "validated.tsv", tsv_rows, append=True)
-
-    return {"missing_file": 1, "undecodable_audio": 1, "empty_text": 1, "path_escape": 1,
-            "duration": 2, "transcript_too_long": 1}
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- tiny Whisper
@@ -161,23 +167,13 @@ def build_tiny_whisper(directory: str | os.PathLike, transcript: str = TINY_WHIS
     <|nospeech|>, <|notimestamps|>, timestamps).
     """
     import torch
-    from tokenizers import AddedToken
-    from transformers import (GenerationConfig, WhisperConfig, WhisperFeatureExtractor,
-                              WhisperForConditionalGeneration, WhisperTokenizer)
+    from transformers import GenerationConfig, WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
     from transformers.models.whisper.tokenization_whisper import LANGUAGES
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
-    specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES), "<|translate|>",
-                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
-    timestamps = [f"<|{0.02 * i:.2f}|>" for i in range(WHISPER_NUM_TIMESTAMPS)]
-    for token in specials + timestamps:
-        vocab[token] = len(vocab)
-    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
-    # Registered as special so decode(skip_special_tokens=True) drops them, as in real checkpoints.
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
+    tokenizer = _tiny_whisper_tokenizer()
+    vocab = tokenizer.get_vocab()
     tid = tokenizer.convert_tokens_to_ids
     eot = tid("<|endoftext|>")
 
@@ -194,20 +190,7 @@ def build_tiny_whisper(directory: str | os.PathLike, transcript: str = TINY_WHIS
     if TINY_WHISPER_PROMPT_LENGTH + len(text_ids) + 1 > TINY_WHISPER_D_MODEL:
         raise ValueError(f"transcript {transcript!r} is too long for the tiny decoder "
                          f"({TINY_WHISPER_D_MODEL} positions); use a shorter one")
-    with torch.no_grad():
-        decoder = model.model.decoder
-        for layer in decoder.layers:  # zero output projections: each layer adds nothing to the residual
-            for linear in (layer.self_attn.out_proj, layer.encoder_attn.out_proj, layer.fc2):
-                linear.weight.zero_()
-                if linear.bias is not None:
-                    linear.bias.zero_()
-        decoder.embed_tokens.weight.zero_()
-        decoder.embed_positions.weight.copy_(torch.eye(TINY_WHISPER_D_MODEL))
-        script = torch.zeros(len(vocab), TINY_WHISPER_D_MODEL)  # logits at position p: script[:, p] (after layer norm)
-        script[tid(f"<|{detected_language}|>"), 0] = TINY_WHISPER_SCRIPT_LOGIT
-        for i, token in enumerate([*text_ids, eot]):
-            script[token, TINY_WHISPER_PROMPT_LENGTH - 1 + i] = TINY_WHISPER_SCRIPT_LOGIT
-        model.proj_out.weight.copy_(script)
+    _script_decoder(model, [tid(f"<|{detected_language}|>")], [*text_ids, eot])
     model.generation_config = GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id, bos_token_id=eot, eos_token_id=eot, pad_token_id=eot,
         lang_to_id={f"<|{c}|>": tid(f"<|{c}|>") for c in LANGUAGES},
@@ -218,3 +201,44 @@ def build_tiny_whisper(directory: str | os.PathLike, transcript: str = TINY_WHIS
     tokenizer.save_pretrained(directory)
     WhisperFeatureExtractor(feature_size=config.num_mel_bins).save_pretrained(directory)
     return directory
+
+
+def _tiny_whisper_tokenizer():
+    """Byte-level BPE with no merges (256 single-byte tokens), then Whisper's special and timestamp tokens."""
+    from tokenizers import AddedToken
+    from transformers import WhisperTokenizer
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES
+
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    specials = ["<|endoftext|>", "<|startoftranscript|>", *(f"<|{c}|>" for c in LANGUAGES), "<|translate|>",
+                "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]
+    timestamps = [f"<|{0.02 * i:.2f}|>" for i in range(WHISPER_NUM_TIMESTAMPS)]
+    for token in specials + timestamps:
+        vocab[token] = len(vocab)
+    tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
+    # Registered as special so decode(skip_special_tokens=True) drops them, as in real checkpoints.
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True)
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in timestamps])
+    return tokenizer
+
+
+def _script_decoder(model, first: list[int], then: list[int]) -> None:
+    """Make the decoder's logits depend on its position alone: at position 0 `first[0]` wins (what language
+    detection would pick), and from the end of the prompt on, `then` token by token."""
+    import torch
+
+    with torch.no_grad():
+        decoder = model.model.decoder
+        for layer in decoder.layers:  # zero output projections: each layer adds nothing to the residual
+            for linear in (layer.self_attn.out_proj, layer.encoder_attn.out_proj, layer.fc2):
+                linear.weight.zero_()
+                if linear.bias is not None:
+                    linear.bias.zero_()
+        decoder.embed_tokens.weight.zero_()
+        decoder.embed_positions.weight.copy_(torch.eye(TINY_WHISPER_D_MODEL))
+        # logits at position p: script[:, p] (after layer norm)
+        script = torch.zeros(model.config.vocab_size, TINY_WHISPER_D_MODEL)
+        script[first[0], 0] = TINY_WHISPER_SCRIPT_LOGIT
+        for i, token in enumerate(then):
+            script[token, TINY_WHISPER_PROMPT_LENGTH - 1 + i] = TINY_WHISPER_SCRIPT_LOGIT
+        model.proj_out.weight.copy_(script)

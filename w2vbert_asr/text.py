@@ -18,6 +18,8 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
+from .geometry import SAMPLING_RATE
+
 if TYPE_CHECKING:
     from transformers import Wav2Vec2BertProcessor
 
@@ -138,7 +140,7 @@ class Vocabulary:
         }
 
 
-def build_processor(vocab: Vocabulary, output_dir: str | Path, sampling_rate: int = 16000) -> Wav2Vec2BertProcessor:
+def build_processor(vocab: Vocabulary, output_dir: str | Path) -> Wav2Vec2BertProcessor:
     """Write vocab.json and save a standard `Wav2Vec2BertProcessor` loadable with `from_pretrained(dir)`."""
     # Imported here: the processor classes pull in transformers' modeling stack (seconds), which
     # reading text and checking whether prepared data is up to date do not need.
@@ -152,7 +154,7 @@ def build_processor(vocab: Vocabulary, output_dir: str | Path, sampling_rate: in
         str(vocab_file), unk_token=UNK, pad_token=PAD, word_delimiter_token=WORD_DELIMITER,
         bos_token=None, eos_token=None,
     )
-    feature_extractor = SeamlessM4TFeatureExtractor(sampling_rate=sampling_rate)
+    feature_extractor = SeamlessM4TFeatureExtractor(sampling_rate=SAMPLING_RATE)
     processor = Wav2Vec2BertProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
     processor.save_pretrained(output_dir)
     return processor

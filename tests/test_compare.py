@@ -1,4 +1,4 @@
-"""`w2vbert-asr compare` (w2vbert_asr.report) on hand-written result folders with known numbers, and the
+"""`w2vbert-asr compare` (w2vbert_asr.compare) on hand-written result folders with known numbers, and the
 bootstrap intervals and paired verdicts on constructed cases whose answer is known."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from w2vbert_asr import UsageError, hub
+from w2vbert_asr import UsageError
+from w2vbert_asr.push import build_card
 from w2vbert_asr.cli import compose
 from w2vbert_asr.evaluate import error_rates
-from w2vbert_asr.report import compare
+from w2vbert_asr.compare import compare
 from w2vbert_asr.significance import BETTER, SAME, WORSE
 
 REFS = {"u1": "a b c d", "u2": "e f", "u3": "g h i j"}   # 10 reference words in all
@@ -59,9 +60,9 @@ def test_table_json_and_png(two_runs):
     md = (tmp / "cmp" / "comparison.md").read_text()
     # Intervals from 3 utterances: the resamples can drop every error (0 %) or draw the worst one 3 times.
     assert ("| w2v-bert-2.0-ctc | outputs/sw/model | 10.00 [0.00, 50.00] | 5.00 [0.00, 33.33] | 3 | 0.002 | "
-            "605.0 M | 250.0 | NVIDIA H100 80GB HBM3, batches <= 400 s, <= 32 clips |") in md
+            "605.0 M | ? | 250.0 | NVIDIA H100 80GB HBM3, batches <= 400 s, <= 32 clips |") in md
     assert ("| whisper | openai/whisper-large-v3 | 30.00 [0.00, 75.00] | 12.00 [0.00, 42.86] | 3 | 0.002 | "
-            "1.54 B | 20.0 | NVIDIA H100 80GB HBM3, batch 8 |") in md
+            "1.54 B | ? | 20.0 | NVIDIA H100 80GB HBM3, batch 8 |") in md
     assert "1000 resamples of the 3 utterances, seed 0" in md
     assert "| w2v-bert-2.0-ctc | whisper | -20.00 [-75.00, 50.00] | not distinguishable |" in md
     assert "Warning" not in md
@@ -107,7 +108,7 @@ def test_warns_about_devices_utterance_sets_and_references(two_runs):
     assert "u3" not in {d["id"] for d in report["disagreements"]}
     md = (tmp / "cmp" / "comparison.md").read_text()
     assert "> **Warning (!):**" in md
-    assert "| 3 (!) | 0.002 | 605.0 M | 250.0 (!) |" in md
+    assert "| 3 (!) | 0.002 | 605.0 M | ? | 250.0 (!) |" in md
 
 
 def test_same_system_twice_gets_distinct_labels(two_runs):
@@ -137,6 +138,43 @@ def test_bad_inputs_are_usage_errors(two_runs):
     (whisper / "predictions" / "test.jsonl").write_text('{"id": "u1"}\nnot json\n')
     with pytest.raises(UsageError, match=r"test\.jsonl:2"):
         run_compare([ours, whisper], tmp / "cmp")
+
+
+def test_the_same_run_listed_twice_is_one_error_line(two_runs, capsys):
+    """Listed twice (even as another spelling of the same folder) it would be compared with itself."""
+    from w2vbert_asr.cli import main
+
+    tmp, ours, whisper = two_runs
+    with pytest.raises(UsageError, match=r"compare.runs lists .*ours twice"):
+        run_compare([ours, whisper, tmp / "whisper" / ".." / "ours"], tmp / "cmp")
+    with pytest.raises(SystemExit) as e:
+        main(["compare", f"compare.runs=[{ours},{whisper},{whisper}]", f"compare.output_dir={tmp / 'cmp'}"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert e.value.code == 2 and len(errors) == 1 and errors[0].startswith("error: compare.runs lists"), errors
+    assert not (tmp / "cmp").exists()
+
+
+def test_empty_predictions_are_an_error_not_an_agreement(two_runs):
+    tmp, ours, whisper = two_runs
+    (whisper / "predictions" / "test.jsonl").write_text("")
+    with pytest.raises(UsageError, match=r"test\.jsonl holds no predictions .*metrics\.json counts 3"):
+        run_compare([ours, whisper], tmp / "cmp")
+
+
+def test_counts_come_from_the_predictions_read(two_runs):
+    """A predictions file shorter than metrics.json says (a copy cut short): the table counts what was read,
+    and a warning says so; with no utterance in common nothing is called an agreement."""
+    tmp, ours, whisper = two_runs
+    lines = (whisper / "predictions" / "test.jsonl").read_text().splitlines()
+    (whisper / "predictions" / "test.jsonl").write_text(lines[0] + "\n")
+    report = run_compare([ours, whisper], tmp / "cmp")
+    assert [r["utterances"] for r in report["runs"]] == [3, 1] and report["common_utterances"] == 1
+    assert any("metrics.json counts 3 utterances" in w and "holds 1" in w for w in report["warnings"])
+    other = write_run(tmp / "other", WHISPER_HEADER, {"v1": ("a", 0.0, 0.0)}, 0.0, 0.0, 20.0, refs={"v1": "a"})
+    report = run_compare([ours, other], tmp / "cmp2")
+    md = (tmp / "cmp2" / "comparison.md").read_text()
+    assert report["common_utterances"] == 0 and report["pairs"] == []
+    assert "agree on every common utterance" not in md and "No utterance is common to all runs" in md
 
 
 # --------------------------------------------------------------------------------------------- significance
@@ -227,13 +265,13 @@ def test_model_card_results_carry_intervals(tmp_path):
     from w2vbert_asr.significance import Bootstrap
 
     run = constructed(tmp_path / "run", dict.fromkeys(range(40), 1))
-    card = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw",
+    card = build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw",
                           Bootstrap.from_config(compose(["recipe=demo"]).compare)).text
     report = run_compare([run, constructed(tmp_path / "other", {})], tmp_path / "cmp")
     low, high = report["runs"][0]["wer_interval"]
     assert f"| test | greedy | 13.33 [{100 * low:.2f}, {100 * high:.2f}] | 8.70 [" in card
     assert "Brackets: test: 95 % percentile bootstrap intervals, 1000 resamples of the 60 utterances, seed 0." in card
-    plain = hub.build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw").text
+    plain = build_card(run / "model", "me/m", compose(["recipe=demo"]).push, "sw").text
     assert "| test | greedy | 13.33 | 8.70 |" in plain
 
 
@@ -242,7 +280,7 @@ def test_speakers_flow_from_the_corpus_to_predictions(prepared_run, sw_corpus, t
     resamples those speakers."""
     import csv
 
-    from w2vbert_asr.data import load_prepared
+    from w2vbert_asr.prepared import load_prepared
     from w2vbert_asr.evaluate import score, write_results
     from w2vbert_asr.text import Normalizer
 

@@ -21,6 +21,7 @@ Intervals and verdicts: w2vbert_asr/significance.py (resampled by speaker when t
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,7 +61,24 @@ def load_run(folder: str | Path, split: str) -> dict:
     if not pred_file.is_file():
         raise UsageError(f"{pred_file} not found next to {metrics_file}; re-run the command that wrote the folder")
     header = {k: v for k, v in data.items() if k != "splits"}
-    return {"dir": str(folder), **header, "metrics": splits[split], "rows": read_predictions(pred_file)}
+    rows = read_predictions(pred_file)
+    if not rows:
+        counted = splits[split].get("utterances", "?")
+        raise UsageError(f"{pred_file} holds no predictions although {metrics_file} counts {counted} utterances; "
+                         "re-run the command that wrote the folder")
+    return {"dir": str(folder), **header, "metrics": splits[split], "rows": rows}
+
+
+def _refuse_duplicates(runs: list[str]) -> None:
+    """One UsageError when two entries of compare.runs are the same folder (however written): a run
+    compared with itself only adds a row that agrees with it."""
+    seen: dict[str, int] = {}
+    for i, run in enumerate(runs, start=1):
+        first = seen.setdefault(os.path.realpath(run), i)
+        if first != i:
+            again = f", the second time as {run}" if run != runs[first - 1] else ""
+            raise UsageError(f"compare.runs lists {runs[first - 1]} twice (entries {first} and {i}{again}); "
+                             "list each result folder once")
 
 
 def read_predictions(pred_file: Path) -> dict[str, dict]:
@@ -103,6 +121,11 @@ def _warnings(runs: list[dict], labels: list[str], common: set[str]) -> list[str
     if len(devices) > 1:
         per = "; ".join(f"{lab}: {r.get('device') or '?'}" for lab, r in zip(labels, runs))
         out.append(f"RTFx was measured on different devices ({per}): the speeds are not comparable.")
+    for lab, r in zip(labels, runs):
+        counted = r["metrics"].get("utterances")
+        if isinstance(counted, int) and counted != len(r["rows"]):
+            out.append(f"{lab}: metrics.json counts {counted} utterances, its predictions file holds "
+                       f"{len(r['rows'])}: its WER/CER (from metrics.json) do not describe the utterances compared.")
     id_sets = [set(r["rows"]) for r in runs]
     if any(s != id_sets[0] for s in id_sets):
         per = ", ".join(f"{lab}: {len(s)}" for lab, s in zip(labels, id_sets))
@@ -172,9 +195,9 @@ def to_markdown(report: dict) -> str:
     boot = Bootstrap(**report["bootstrap"])
     conf = f"{100 * boot.confidence:g} %"
     lines = [f"# Comparison on split `{report['split']}`", "",
-             f"| system | model | WER % [{conf} CI] | CER % [{conf} CI] | utterances | audio h | parameters | RTFx | "
-             "measured on |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             f"| system | model | WER % [{conf} CI] | CER % [{conf} CI] | utterances | audio h | parameters | "
+             "licence | RTFx | measured on |",
+             "|---|---|---:|---:|---:|---:|---:|---|---:|---|"]
     # Flag the cells a warning below the table is about, so nobody reads the numbers without it.
     mixed_devices = len({r["device"] for r in report["runs"]}) > 1
     mixed_sets = any(r["utterances"] != report["common_utterances"] for r in report["runs"])
@@ -183,10 +206,15 @@ def to_markdown(report: dict) -> str:
         rtfx = f"{_fmt(r['rtfx'], digits=1)}{WARN if mixed_devices else ''}"
         lines.append(f"| {_cell(r['label'])} | {_cell(r['model'])} | {_rate(r, 'wer')} | {_rate(r, 'cer')} | "
                      f"{utts} | {_fmt(r['audio_hours'], digits=3)} | {_params(r['parameters'])} | "
-                     f"{rtfx} | {_cell(r['device'])}, {_cell(r['batch'])} |")
+                     f"{_cell(r.get('license') or '?')} | {rtfx} | {_cell(r['device'])}, {_cell(r['batch'])} |")
     lines.append("")
     lines.append("WER/CER on normalised text (the same normaliser for references and every hypothesis); "
                  "RTFx = audio seconds / wall seconds of decoding, features included." + _interval_note(report))
+    standins = [r["label"] for r in report["runs"] if str(r.get("weights") or "").startswith("random")]
+    if standins:
+        lines += ["", f"> **Random weights:** {', '.join(standins)} {'is a' if len(standins) == 1 else 'are'} tiny "
+                  "untrained stand-in" + ("" if len(standins) == 1 else "s") + " of the real model (an offline run): "
+                  "their scores say nothing about the real baselines."]
     if report["warnings"]:
         lines += ["", *(f"> **Warning{WARN}:** {w}" for w in report["warnings"])]
     if report["pairs"]:
@@ -204,7 +232,9 @@ def to_markdown(report: dict) -> str:
                      "called by chance." if len(report["pairs"]) > 2 else "")]
     lines += ["", f"## Where the systems disagree most (top {len(report['disagreements'])} of "
               f"{report['common_utterances']} common utterances, by per-utterance WER spread, then CER)", ""]
-    if not report["disagreements"]:
+    if not report["common_utterances"]:
+        lines.append("No utterance is common to all runs: nothing to compare utterance by utterance.")
+    elif not report["disagreements"]:
         lines.append("The systems agree on every common utterance.")
     for k, d in enumerate(report["disagreements"], start=1):
         dur = f", {d['duration']:.1f} s" if isinstance(d.get("duration"), (int, float)) else ""
@@ -286,6 +316,7 @@ def compare(cfg: DictConfig) -> dict:
     if len(runs_cfg) < MIN_RUNS:
         raise UsageError(f"compare needs at least {MIN_RUNS} result folders, got {runs_cfg}: pass "
                          "compare.runs=[<evaluate results dir>,<baseline results dir>]")
+    _refuse_duplicates(runs_cfg)
     split = str(cfg.compare.split)
     settings = Bootstrap.from_config(cfg.compare)
     runs = [load_run(r, split) for r in runs_cfg]
@@ -300,8 +331,9 @@ def compare(cfg: DictConfig) -> dict:
                   "wer": r["metrics"].get("wer"), "cer": r["metrics"].get("cer"),
                   "wer_interval": ci.get("wer"), "cer_interval": ci.get("cer"),
                   "resampling": {"unit": ci["unit"], "blocks": ci["blocks"]} if ci else None,
-                  "utterances": r["metrics"].get("utterances", len(r["rows"])),
+                  "utterances": len(r["rows"]),  # what was read, which every other figure but WER/CER uses
                   "audio_hours": r["metrics"].get("audio_hours"), "parameters": r.get("parameters"),
+                  "license": r.get("license"), "weights": r.get("weights"),
                   "rtfx": r["metrics"].get("rtfx"), "device": r.get("device") or "?", "batch": batch_setting(r),
                   "decoding": r["metrics"].get("decoding")}
                  for lab, r, ci in zip(labels, runs, cis)],
